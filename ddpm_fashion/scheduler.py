@@ -1,0 +1,448 @@
+"""The DDPM sampler of Ho et al. 2020 (arXiv:2006.11239), written to read beside the paper.
+
+It is a drop-in for `diffusers.DDPMScheduler`: same config, same methods, and the same numbers for the same inputs
+and generator (the test suite checks this bit for bit). Where diffusers is wrong it raises or fixes instead:
+`fixed_large_log` gives finite samples, impossible step counts and schedules raise ValueError, and unknown option
+names are rejected when the scheduler is built.
+
+Notation, used for the locals below (the paper's eq. 4 and the text around eq. 6-7):
+    beta_t               variance of the noise added by forward step t (`betas`)
+    alpha_t = 1 - beta_t                                                   (`alphas`)
+    alpha_prod_t         alpha-bar_t, the product alpha_1 ... alpha_t      (`alphas_cumprod`)
+    beta_prod_t          1 - alpha-bar_t, the total noise variance of x_t given x_0
+    *_prev               the same at the timestep the reverse step lands on ("t-1"; with strided or custom
+                         timesteps this is the next timestep of the schedule, -1 meaning the clean image).
+"""
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+# Largest beta a schedule built from alpha-bar may use: beta = 1 would wipe the signal in one step.
+MAX_ALPHA_BAR_BETA = 0.999
+# The posterior variance is 0 at the last step and its log is taken, so it is floored here first.
+MIN_POSTERIOR_VARIANCE = 1e-20
+
+
+@dataclass
+class DDPMSchedulerOutput(BaseOutput):
+    """What `DDPMScheduler.step` returns: x_{t-1} and the model's current estimate of x_0."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+def linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Get betas rising linearly from beta_start to beta_end, the schedule of Ho et al. (section 4)."""
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+
+
+def scaled_linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Get betas whose square roots rise linearly, the schedule of latent diffusion (Stable Diffusion)."""
+    sqrt_betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32)
+    return sqrt_betas**2
+
+
+def sigmoid_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Get betas following a sigmoid over [-6, 6] from beta_start to beta_end, the GeoDiff schedule."""
+    ramp = torch.linspace(-6, 6, num_train_timesteps)
+    return torch.sigmoid(ramp) * (beta_end - beta_start) + beta_start
+
+
+def cosine_alpha_bar(time: float) -> float:
+    """Get alpha-bar at time in [0, 1] for the cosine schedule (Nichol & Dhariwal 2021, eq. 17, s = 0.008)."""
+    return math.cos((time + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def laplace_alpha_bar(time: float) -> float:
+    """Get alpha-bar at time in [0, 1] for a schedule whose log-SNR follows a Laplace distribution."""
+    log_snr = -0.5 * math.copysign(1, 0.5 - time) * math.log(1 - 2 * math.fabs(0.5 - time) + 1e-6)
+    snr = math.exp(log_snr)
+    return math.sqrt(snr / (1 + snr))
+
+
+def betas_from_alpha_bar(num_train_timesteps: int, alpha_bar: Callable[[float], float]) -> torch.Tensor:
+    """Get the betas that make alpha-bar_t follow a continuous alpha_bar(time), beta_t = 1 - abar(t+1)/abar(t)."""
+    # Python floats (float64) throughout, rounded to float32 once at the end, as diffusers does.
+    betas = []
+    for step in range(num_train_timesteps):
+        start, end = step / num_train_timesteps, (step + 1) / num_train_timesteps
+        betas.append(min(1 - alpha_bar(end) / alpha_bar(start), MAX_ALPHA_BAR_BETA))
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def squaredcos_cap_v2_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Get the cosine-schedule betas (improved DDPM); beta_start and beta_end play no part."""
+    return betas_from_alpha_bar(num_train_timesteps, cosine_alpha_bar)
+
+
+def laplace_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Get the Laplace-schedule betas; beta_start and beta_end play no part."""
+    return betas_from_alpha_bar(num_train_timesteps, laplace_alpha_bar)
+
+
+BETA_SCHEDULES = {
+    "linear": linear_betas,
+    "scaled_linear": scaled_linear_betas,
+    "squaredcos_cap_v2": squaredcos_cap_v2_betas,
+    "sigmoid": sigmoid_betas,
+    "laplace": laplace_betas,
+}
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Get betas rescaled so the last timestep is pure noise (zero SNR), Algorithm 1 of Lin et al. 2023."""
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    # Shift so the last value is 0, then scale so the first keeps its old value.
+    sqrt_alpha_bar = sqrt_alpha_bar - last
+    sqrt_alpha_bar = sqrt_alpha_bar * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])  # undo the cumulative product
+    return 1 - alphas
+
+
+def _require_choice(name: str, value, choices: Sequence[str]) -> None:
+    """Raise a ValueError naming the valid choices when value is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of: {', '.join(choices)}")
+
+
+def _as_count(name: str, value) -> int:
+    """Get value as a Python int, or raise a ValueError when it is not an integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+class DDPMScheduler(SchedulerMixin, ConfigMixin):
+    """The DDPM reverse process p(x_{t-1} | x_t) and forward process q(x_t | x_0), equal to diffusers'.
+
+    Arguments, defaults and attributes are those of `diffusers.DDPMScheduler`, so either class loads the other's
+    config (`from_config`, `from_pretrained`) and any diffusers pipeline accepts this one.
+    """
+
+    _compatibles = [scheduler.name for scheduler in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, Sequence[float]]] = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        num_train_timesteps = _as_count("num_train_timesteps", num_train_timesteps)
+        if num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}")
+        _require_choice("beta_schedule", beta_schedule, tuple(BETA_SCHEDULES))
+        _require_choice("variance_type", variance_type, VARIANCE_TYPES)
+        _require_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _require_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if _as_count("steps_offset", steps_offset) < 0:
+            raise ValueError(f"steps_offset must be 0 or more, got {steps_offset}")
+        if beta_start < 0 or beta_end < 0:
+            raise ValueError(f"beta_start and beta_end are variances and must be >= 0, got {beta_start}, {beta_end}")
+        if not 0 < dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio is a quantile in (0, 1], got {dynamic_thresholding_ratio}")
+
+        if trained_betas is not None:
+            self.betas = torch.tensor(trained_betas, dtype=torch.float32)
+            if self.betas.shape != (num_train_timesteps,):
+                raise ValueError(
+                    f"trained_betas must be a list of num_train_timesteps={num_train_timesteps} numbers, "
+                    f"got shape {tuple(self.betas.shape)}"
+                )
+        else:
+            self.betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # alpha-bar before the first forward step is 1 (x_0 is clean); the final reverse step lands there.
+        self.final_alpha_cumprod = torch.tensor(1.0)
+        # The initial noise x_T ~ N(0, I) (Algorithm 2, line 1) needs no scaling.
+        self.init_noise_sigma = 1.0
+
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        # Timestep -> the timestep the reverse step lands on; None while stepping through every training timestep.
+        self._previous_timestep_of = None
+        # add_noise/get_velocity run once per training batch: keep alpha-bar on the batch's device and dtype.
+        self._alphas_cumprod_like = {}
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """Get the model input for this step: DDPM feeds x_t unscaled (kept for interchangeable schedulers)."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Choose the descending training timesteps to sample with: a count spaced by timestep_spacing, or a list."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(
+                "pass exactly one of num_inference_steps (a count) or timesteps (a descending list); "
+                f"got num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}"
+            )
+        if timesteps is not None:
+            schedule = self._checked_custom_timesteps(timesteps)
+            self.custom_timesteps = True
+        else:
+            schedule = self._spaced_timesteps(self._checked_step_count(num_inference_steps))
+            self.custom_timesteps = False
+        self.num_inference_steps = len(schedule)
+        self.timesteps = torch.from_numpy(schedule).to(device)
+        # Each step lands on the next timestep of the schedule, the last one on -1 (the clean image).
+        self._previous_timestep_of = dict(zip(schedule.tolist(), schedule[1:].tolist() + [-1]))
+
+    def _checked_step_count(self, num_inference_steps) -> int:
+        """Get num_inference_steps as an int, or raise a ValueError when it is not in 1..num_train_timesteps."""
+        count = _as_count("num_inference_steps", num_inference_steps)
+        num_train_timesteps = self.config.num_train_timesteps
+        if not 1 <= count <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps}, got {count}"
+            )
+        return count
+
+    def _checked_custom_timesteps(self, timesteps) -> np.ndarray:
+        """Get custom timesteps as int64, or raise a ValueError unless they are distinct, descending and in range."""
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.detach().cpu().numpy()
+        values = np.asarray(timesteps)
+        num_train_timesteps = self.config.num_train_timesteps
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"timesteps must be a non-empty flat list of integers, got {timesteps!r}")
+        is_number = np.issubdtype(values.dtype, np.number)
+        if not (is_number and np.all(np.isfinite(values)) and np.array_equal(values, np.round(values))):
+            raise ValueError(f"timesteps must be integers, got {timesteps!r}")
+        values = values.astype(np.int64)
+        if np.any(np.diff(values) >= 0):
+            raise ValueError(f"timesteps must be strictly descending, got {values.tolist()}")
+        if values[0] >= num_train_timesteps or values[-1] < 0:
+            raise ValueError(
+                f"timesteps must lie in 0..{num_train_timesteps - 1} (num_train_timesteps - 1), got {values.tolist()}"
+            )
+        return values
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """Get num_inference_steps descending timesteps spaced as in Table 2 of Lin et al. 2023 (arXiv:2305.08891)."""
+        num_train_timesteps = self.config.num_train_timesteps
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            # Evenly over [0, T-1], both ends included, rounded to the nearest integer.
+            schedule = np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1]
+        elif spacing == "leading":
+            # Multiples of the integer stride T // n counted up from 0, then shifted by steps_offset.
+            stride = num_train_timesteps // num_inference_steps
+            schedule = np.arange(num_inference_steps - 1, -1, -1) * stride + self.config.steps_offset
+        else:
+            # Multiples of the real stride T / n counted down from T, minus one so the first step is T-1.
+            # A float arange can run one element past n (ending near 0, i.e. timestep -1): keep exactly n.
+            stride = num_train_timesteps / num_inference_steps
+            schedule = np.round(np.arange(num_train_timesteps, 0, -stride))[:num_inference_steps] - 1
+        schedule = np.ascontiguousarray(schedule, dtype=np.int64)
+        if schedule[0] >= num_train_timesteps:
+            raise ValueError(
+                f"timestep_spacing='leading' with steps_offset={self.config.steps_offset} puts the first of "
+                f"{num_inference_steps} steps at timestep {schedule[0]}, past the last training timestep "
+                f"{num_train_timesteps - 1}; use fewer inference steps or a smaller steps_offset"
+            )
+        return schedule
+
+    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
+        """Get the timestep that the reverse step from `timestep` lands on (-1 after the last step)."""
+        t = self._checked_timestep(timestep)
+        if self._previous_timestep_of is None:
+            return t - 1
+        if t not in self._previous_timestep_of:
+            raise ValueError(
+                f"timestep {t} is not in the schedule set by set_timesteps: step with one of its "
+                f"{len(self.timesteps)} timesteps, {self.timesteps[0]} down to {self.timesteps[-1]} (see .timesteps)"
+            )
+        return self._previous_timestep_of[t]
+
+    def _checked_timestep(self, timestep) -> int:
+        """Get a timestep (int, float or one-element tensor) as an int, or raise a ValueError when out of range."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be a single integer, got a tensor of shape {tuple(timestep.shape)}")
+            timestep = timestep.item()
+        if isinstance(timestep, float) and timestep.is_integer():
+            timestep = int(timestep)
+        t = _as_count("timestep", timestep)
+        if not 0 <= t < self.config.num_train_timesteps:
+            raise ValueError(f"timestep must lie in 0..{self.config.num_train_timesteps - 1}, got {t}")
+        return t
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ) -> Union[DDPMSchedulerOutput, Tuple[torch.Tensor, torch.Tensor]]:
+        """Sample x_{t-1} ~ p(x_{t-1} | x_t) from the model's output at x_t (Algorithm 2, lines 3-4)."""
+        t = self._checked_timestep(timestep)
+        prev_t = self.previous_timestep(t)
+        model_output, predicted_variance = self._split_predicted_variance(model_output, sample)
+
+        # 1. compute alphas, betas; "current" ones span the whole (possibly strided) step t -> prev_t
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+        current_beta_t = 1 - current_alpha_t
+
+        # 2. compute predicted original sample x_0, eq. (15) (from v instead: Salimans & Ho 2022, section 4)
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            pred_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+        elif prediction_type == "sample":
+            pred_original_sample = model_output
+        else:  # v_prediction
+            pred_original_sample = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+
+        # 3. clip or threshold predicted x_0 to the data range (section 3.3: data scaled to [-1, 1])
+        if self.config.thresholding:
+            pred_original_sample = self._dynamic_threshold(pred_original_sample)
+        elif self.config.clip_sample:
+            clip_range = self.config.clip_sample_range
+            pred_original_sample = pred_original_sample.clamp(-clip_range, clip_range)
+
+        # 4. compute coefficients of x_0 and x_t in the posterior mean mu~_t(x_t, x_0), eq. (7)
+        pred_original_sample_coeff = (alpha_prod_t_prev.sqrt() * current_beta_t) / beta_prod_t
+        current_sample_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t
+
+        # 5. compute the posterior mean mu~_t, eq. (7)
+        pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
+
+        # 6. add noise sigma_t * z, z ~ N(0, I) (Algorithm 2, line 4); z = 0 only at t = 0, as in diffusers
+        if t > 0:
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+            # posterior variance beta~_t, eq. (7); floored because its log is taken
+            posterior_variance = beta_prod_t_prev / beta_prod_t * current_beta_t
+            posterior_variance = torch.clamp(posterior_variance, min=MIN_POSTERIOR_VARIANCE)
+            noise_scale = self._noise_scale(posterior_variance, current_beta_t, predicted_variance)
+            pred_prev_sample = pred_prev_sample + noise_scale * noise
+
+        if not return_dict:
+            return pred_prev_sample, pred_original_sample
+        return DDPMSchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)
+
+    def _split_predicted_variance(self, model_output: torch.Tensor, sample: torch.Tensor):
+        """Get (prediction, predicted variance or None): learned-variance models output 2 x C channels."""
+        variance_type = self.config.variance_type
+        if variance_type in LEARNED_VARIANCE_TYPES:
+            channels = sample.shape[1]
+            if model_output.ndim != sample.ndim or model_output.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"variance_type={variance_type!r} needs model_output with 2 x {channels} channels (prediction "
+                    f"then variance) for a sample of shape {tuple(sample.shape)}, got {tuple(model_output.shape)}"
+                )
+            model_output, predicted_variance = torch.split(model_output, channels, dim=1)
+        else:
+            predicted_variance = None
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output of shape {tuple(model_output.shape)} must match sample of shape {tuple(sample.shape)}"
+                f" (2 x C channels need variance_type 'learned' or 'learned_range')"
+            )
+        return model_output, predicted_variance
+
+    def _noise_scale(
+        self, posterior_variance: torch.Tensor, current_beta_t: torch.Tensor, predicted_variance: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Get sigma_t, the standard deviation of the noise added in this step, for the configured variance_type."""
+        # sigma_t^2 = beta~_t ("small") or beta_t ("large") are the two choices of section 3.2; the "_log" forms
+        # compute the same in log space. diffusers takes sqrt of log(beta_t) for fixed_large_log, giving NaN.
+        variance_type = self.config.variance_type
+        if variance_type == "fixed_small":
+            return posterior_variance.sqrt()
+        if variance_type == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(posterior_variance))
+        if variance_type == "fixed_large":
+            return current_beta_t.sqrt()
+        if variance_type == "fixed_large_log":
+            return torch.exp(0.5 * torch.log(current_beta_t))
+        if variance_type == "learned":
+            return predicted_variance.sqrt()
+        # learned_range: the model interpolates log sigma^2 between the two choices (Nichol & Dhariwal 2021, eq. 15)
+        fraction = (predicted_variance + 1) / 2
+        log_variance = fraction * torch.log(current_beta_t) + (1 - fraction) * torch.log(posterior_variance)
+        return torch.exp(0.5 * log_variance)
+
+    def _dynamic_threshold(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
+        """Get x_0 clamped to [-s, s] and divided by s, s a per-image quantile of |x_0| (Imagen, Saharia et al.)."""
+        dtype = pred_original_sample.dtype
+        batch_size = pred_original_sample.shape[0]
+        flat = pred_original_sample
+        if dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # quantile needs float32/64, and CPU clamp has no half kernel
+        flat = flat.reshape(batch_size, -1)  # (B, C*H*W): one threshold per image
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        # s >= 1 makes this plain clipping to [-1, 1] for images already in range
+        s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)  # (B, 1)
+        flat = torch.clamp(flat, -s, s) / s
+        return flat.reshape(pred_original_sample.shape).to(dtype)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Get x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), eq. (4), from given noise."""
+        sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._forward_coefficients(timesteps, original_samples)
+        return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Get the v-prediction target v = sqrt(alpha-bar_t) eps - sqrt(1 - alpha-bar_t) x_0 (Salimans & Ho 2022)."""
+        sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._forward_coefficients(timesteps, sample)
+        return sqrt_alpha_prod * noise - sqrt_one_minus_alpha_prod * sample
+
+    def _forward_coefficients(self, timesteps: torch.Tensor, like: torch.Tensor):
+        """Get sqrt(alpha-bar_t) and sqrt(1 - alpha-bar_t) per timestep, shaped to broadcast over `like`."""
+        key = (like.device, like.dtype)
+        if key not in self._alphas_cumprod_like:
+            self._alphas_cumprod_like = {key: self.alphas_cumprod.to(device=like.device, dtype=like.dtype)}
+        alpha_prod = self._alphas_cumprod_like[key][torch.as_tensor(timesteps, device=like.device)]
+        broadcast_shape = (-1,) + (1,) * (like.ndim - 1)  # (B,) -> (B, 1, ..., 1)
+        sqrt_alpha_prod = (alpha_prod**0.5).flatten().reshape(broadcast_shape)
+        sqrt_one_minus_alpha_prod = ((1 - alpha_prod) ** 0.5).flatten().reshape(broadcast_shape)
+        return sqrt_alpha_prod, sqrt_one_minus_alpha_prod
+
+    def __len__(self) -> int:
+        """Get the number of training timesteps T."""
+        return self.config.num_train_timesteps
