@@ -23,3 +23,36 @@ def real_data_dir():
     if not os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
         pytest.skip(f"real FashionMNIST absent: apt-get install dataset-fashion-mnist puts it in {FASHION_MNIST_DEBIAN_DIR}")
     return FASHION_MNIST_DEBIAN_DIR
+
+
+def write_idx(path, array, compress=True):
+    """Write a numpy uint8 array as an IDX file (the FashionMNIST format), gzipped or raw."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_synthetic_fashion_mnist(folder, num_train=256, num_test=64, seed=0):
+    """Four small IDX files with random images and balanced labels, laid out like the real data set."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", num_train), ("t10k", num_test)):
+        write_idx(f"{folder}/{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(f"{folder}/{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory):
+    """The real data when installed, otherwise small synthetic IDX files, so training tests always run."""
+    if os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
+        return FASHION_MNIST_DEBIAN_DIR
+    return write_synthetic_fashion_mnist(tmp_path_factory.mktemp("synthetic-fashion-mnist"))

@@ -1,0 +1,212 @@
+"""The training configuration: one typed dataclass, read from a YAML file in configs/ plus command-line overrides.
+
+The config says *what* to train; how to run it (processes, GPUs, precision backend) is the launcher's business
+(`accelerate launch`, `torchrun`). Precedence: dataclass defaults < YAML file < command line. Every value is
+type-checked, unknown keys are errors that list the valid ones, and the resolved config is saved with every run.
+"""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "fashion_mnist.yaml"
+UNET_OVERRIDE_PREFIX = "--unet."
+
+
+def default_unet_config() -> dict:
+    """The smallest U-Net block that fits the data; configs/ choose the architecture."""
+    return {"sample_size": 32, "in_channels": 1, "out_channels": 1}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides which model is trained. Option names follow diffusers' train_unconditional.py."""
+
+    # Where the run lives: the final DDPMPipeline, train_config.yaml, checkpoints/ and logs/.
+    output_dir: str = "out"
+    # Data: a folder with the FashionMNIST IDX files (default: Debian package, then the Hub).
+    data_dir: Optional[str] = None
+    random_flip: bool = True
+
+    # Optimisation.
+    train_batch_size: int = 128
+    eval_batch_size: int = 64
+    num_epochs: int = 10
+    max_train_steps: Optional[int] = None  # overrides num_epochs when set
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-6
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    # Exponential moving average of the weights (diffusers.training_utils.EMAModel with warm-up).
+    use_ema: bool = True
+    ema_max_decay: float = 0.9999
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+
+    # Checkpoints, samples and logging.
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = 3
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    save_images_epochs: int = 1
+    save_images_steps: Optional[int] = None  # sample every N steps instead of every N epochs
+    logger: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    seed: int = 0
+
+    # The diffusion process and the models.
+    ddpm_num_steps: int = 1000
+    ddpm_num_inference_steps: int = 1000  # steps used for the sample grids
+    ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "linear"
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    unet_impl: Literal["own", "diffusers"] = "own"
+    scheduler_impl: Literal["own", "diffusers"] = "own"
+    # The UNet2DModel config (same keys and defaults as diffusers); override one key with --unet.KEY VALUE.
+    unet: dict = field(default_factory=default_unet_config)
+
+    def __post_init__(self):
+        check_types(self)
+        check_values(self)
+
+
+def check_types(config: TrainConfig) -> None:
+    """Reject a value whose type does not match its field (YAML values bypass argparse's conversion)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        expected = hints[f.name]
+        if typing.get_origin(expected) is typing.Union:  # Optional[X]
+            if value is None:
+                continue
+            expected = next(a for a in typing.get_args(expected) if a is not type(None))
+        if typing.get_origin(expected) is Literal:
+            if value not in typing.get_args(expected):
+                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {list(typing.get_args(expected))}")
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))  # YAML reads 1 as int; 1 is a fine learning rate
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{f.name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def check_values(config: TrainConfig) -> None:
+    """Reject values that are well-typed but cannot train (caught before anything is written)."""
+    at_least_one = ["train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                    "checkpointing_steps", "save_images_epochs", "ddpm_num_steps", "ddpm_num_inference_steps"]
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in ["max_train_steps", "checkpoints_total_limit", "save_images_steps"]:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1 (or null), got {getattr(config, name)}")
+    for name in ["learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.lr_warmup_steps < 0 or config.adam_weight_decay < 0:
+        raise ValueError("lr_warmup_steps and adam_weight_decay must not be negative")
+    if config.ddpm_num_inference_steps > config.ddpm_num_steps:
+        raise ValueError(f"ddpm_num_inference_steps ({config.ddpm_num_inference_steps}) must not exceed "
+                         f"ddpm_num_steps ({config.ddpm_num_steps})")
+
+
+def valid_keys() -> list:
+    """The keys a YAML config may set."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a config file; a missing file, bad YAML or an unknown key is a one-line ValueError."""
+    if not Path(path).is_file():
+        raise ValueError(f"config file {path} does not exist; the shipped ones are in {CONFIG_DIR}")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must be a mapping of keys to values")
+    unknown = sorted(set(values) - set(valid_keys()))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(valid_keys())}")
+    return values
+
+
+def split_unet_overrides(argv: list) -> tuple:
+    """Separate `--unet.KEY VALUE` pairs (VALUE read as YAML, e.g. `[32, 64]`) from the other arguments."""
+    rest, overrides = [], {}
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith(UNET_OVERRIDE_PREFIX):
+            rest.append(arg)
+            continue
+        key, _, value = arg[len(UNET_OVERRIDE_PREFIX):].partition("=")
+        if not value:
+            value = next(args, None)
+            if value is None:
+                raise ValueError(f"{arg} needs a value")
+        overrides[key] = yaml.safe_load(value)
+    return rest, overrides
+
+
+def valid_options() -> str:
+    """The command-line options, for error messages."""
+    return "--config, --dry_run, --unet.KEY, " + ", ".join(f"--{k}" for k in valid_keys() if k != "unet")
+
+
+class ConfigArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors become ValueErrors, so the launcher prints one line and exits 2."""
+
+    def error(self, message):
+        raise ValueError(f"{message}; valid options: {valid_options()}")
+
+
+def parse_config(argv: Optional[list] = None) -> tuple:
+    """Resolve the config from `--config FILE` (default configs/fashion_mnist.yaml) and CLI overrides.
+
+    Returns (TrainConfig, dry_run).
+    """
+    launcher = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    launcher.add_argument("--config", default=str(DEFAULT_CONFIG))
+    launcher.add_argument("--dry_run", "--dry-run", action="store_true")
+    known, rest = launcher.parse_known_args(argv)
+    file_values = read_yaml(Path(known.config))
+    rest, unet_overrides = split_unet_overrides(rest)
+
+    parser = ConfigArgumentParser(TrainConfig, allow_abbrev=False)
+    unet = {**default_unet_config(), **file_values.pop("unet", {}), **unet_overrides}
+    parser.set_defaults(**file_values, unet=unet)
+    config, unknown = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False,
+                                                         return_remaining_strings=True)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; valid options: {valid_options()}")
+    return config, known.dry_run
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML, loadable again with `--config`."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved by config_to_yaml (checks types and values again)."""
+    unknown = sorted(set(values) - set(valid_keys()))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(valid_keys())}")
+    return TrainConfig(**values)

@@ -1,0 +1,86 @@
+"""What is published beside a trained pipeline: the model card (diffusers' convention) and the loss curve."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; the trainer runs on machines with no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CARD_TEMPLATE = """---
+library_name: diffusers
+license: apache-2.0
+tags:
+- pytorch
+- diffusers
+- unconditional-image-generation
+- diffusion-models-class
+- ddpm
+- fashion-mnist
+datasets:
+- zalando-datasets/fashion_mnist
+---
+
+# DDPM trained on FashionMNIST
+
+An unconditional DDPM (Ho et al. 2020) trained on FashionMNIST (28×28 grey, padded to 32×32) with
+[ddpm_fashion](https://github.com/) `train_accelerate.py`. The folder is a standard diffusers `DDPMPipeline`.
+
+![samples](samples.png)
+
+## How to load
+
+```python
+from diffusers import DDPMPipeline
+
+pipe = DDPMPipeline.from_pretrained("{output_dir}")
+image = pipe(num_inference_steps={inference_steps}).images[0]
+```
+
+## Training
+
+| | |
+|---|---|
+| optimizer steps | {steps} |
+| images seen | {images_seen} |
+| final loss (mean of last 100 steps) | {final_loss:.5f} |
+| wall time | {wall_time:.0f} s |
+| processes × batch | {world_size} × {batch_size} |
+| EMA weights | {use_ema} |
+
+![loss](loss.png)
+
+Resolved training config:
+
+```yaml
+{config_yaml}```
+"""
+
+
+def write_model_card(path: Path, *, config, config_yaml: str, steps: int, images_seen: int, losses: list,
+                     wall_time: float, world_size: int) -> None:
+    """Write the model card README.md of a published pipeline."""
+    final_loss = float(np.mean(losses[-100:])) if losses else float("nan")
+    Path(path).write_text(CARD_TEMPLATE.format(
+        output_dir=config.output_dir, inference_steps=config.ddpm_num_inference_steps, steps=steps,
+        images_seen=images_seen, final_loss=final_loss, wall_time=wall_time, world_size=world_size,
+        batch_size=config.train_batch_size, use_ema=config.use_ema, config_yaml=config_yaml))
+
+
+def plot_loss(path: Path, losses: list) -> None:
+    """Plot the per-step training loss and its running mean."""
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    steps = np.arange(1, len(losses) + 1)
+    axis.plot(steps, losses, lw=0.5, alpha=0.35, label="per step")
+    if len(losses) >= 20:
+        window = max(10, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axis.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    axis.set_yscale("log")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("MSE loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
