@@ -1,0 +1,153 @@
+"""Own vs library: sample with {our U-Net, UNet2DModel} x {our DDPMScheduler, diffusers'} and compare.
+
+All four runs start from the same initial noise and draw the same step noise (one generator, re-seeded per run), so
+an exact reimplementation gives the same images; the largest difference to the library/library images is the
+proof. The same runs are the sampling benchmark: U-Net forwards and scheduler.step() calls are timed apart, so the
+cost of our step() can be read against one U-Net forward.
+"""
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import diffusers
+import torch
+from tqdm.auto import tqdm
+
+from ddpm_fashion.sampling import (
+    StepTimings,
+    check_num_inference_steps,
+    denoise,
+    image_grid,
+    initial_noise,
+    load_pipeline,
+    resolve_device,
+    side_by_side,
+    to_unit_range,
+    with_caption,
+)
+
+# (unet, scheduler); the first is the reference every run is measured against.
+COMBINATIONS = (("diffusers", "diffusers"), ("diffusers", "own"), ("own", "diffusers"), ("own", "own"))
+# fp32 sampling with identical seeds must agree to this (max |difference| in model space, [-1, 1]).
+MAX_ABS_DIFF_TOLERANCE = 1e-5
+
+
+@dataclass
+class Comparison:
+    """The report (JSON-ready: runs and settings) and the final images of each (unet, scheduler) run."""
+
+    report: dict
+    images: Dict[Tuple[str, str], torch.Tensor]
+
+
+@torch.no_grad()
+def _timed_run(pipe, num_images: int, num_inference_steps: int, seed: int, progress: bool, label: str):
+    """Sample one batch from a freshly seeded generator; get the final x_0, the timings and the wall time."""
+    # One untimed forward first: the first call pays one-off allocation and kernel selection costs.
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = initial_noise(pipe, num_images, generator)
+    pipe.unet(noise, torch.tensor(pipe.scheduler.config.num_train_timesteps - 1))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    timings = StepTimings()
+    with tqdm(total=num_inference_steps, desc=label, unit="step", disable=not progress) as bar:
+        started = time.perf_counter()
+        noise = initial_noise(pipe, num_images, generator)
+        sample = denoise(pipe, noise, generator, num_inference_steps, bar, timings=timings)
+        seconds = time.perf_counter() - started
+    return sample.float().cpu(), timings, seconds
+
+
+def run_comparison(
+    model_dir: str,
+    num_inference_steps: Optional[int] = None,
+    num_images: int = 64,
+    seed: int = 0,
+    device="auto",
+    progress: bool = True,
+) -> Comparison:
+    """Sample the four {own, diffusers} U-Net x scheduler combinations from the same noise; time and compare them."""
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    pipes = {(unet, scheduler): load_pipeline(model_dir, scheduler=scheduler, unet=unet, device=device)
+             for unet, scheduler in COMBINATIONS}
+    reference_pipe = pipes[COMBINATIONS[0]]
+    num_inference_steps = check_num_inference_steps(reference_pipe, num_inference_steps)
+
+    runs: List[dict] = []
+    images = {}
+    reference = None
+    for combo, pipe in pipes.items():
+        unet_name, scheduler_name = combo
+        label = f"unet={unet_name} scheduler={scheduler_name}"
+        sample, timings, seconds = _timed_run(pipe, num_images, num_inference_steps, seed, progress, label)
+        reference = sample if reference is None else reference
+        images[combo] = to_unit_range(sample)
+        runs.append({
+            "unet": unet_name,
+            "scheduler": scheduler_name,
+            "max_abs_diff": (sample - reference).abs().max().item(),
+            "sec_per_step": seconds / num_inference_steps,
+            "images_per_s": num_images / seconds,
+            "unet_forward_ms": 1000 * timings.unet_s / timings.steps,
+            "scheduler_step_ms": 1000 * timings.scheduler_s / timings.steps,
+            "step_to_forward_ratio": timings.scheduler_s / timings.unet_s,
+        })
+    settings = {
+        "model": str(model_dir),
+        "num_inference_steps": num_inference_steps,
+        "num_images": num_images,
+        "batch_size": num_images,
+        "seed": seed,
+        "device": str(device),
+        "dtype": str(reference_pipe.unet.dtype).replace("torch.", ""),
+        "max_abs_diff_tolerance": MAX_ABS_DIFF_TOLERANCE,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "processor": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        settings["gpu"] = torch.cuda.get_device_name(device)
+    return Comparison(report={"runs": runs, "settings": settings}, images=images)
+
+
+def mismatched_runs(report: dict) -> List[dict]:
+    """Get the runs whose images differ from the library/library images by more than the tolerance."""
+    return [run for run in report["runs"] if not run["max_abs_diff"] <= MAX_ABS_DIFF_TOLERANCE]  # NaN fails too
+
+
+def format_table(report: dict) -> str:
+    """Get the report's runs as an aligned text table, one row per (unet, scheduler) run."""
+    header = ("unet", "scheduler", "max |Δ|", "s/step", "images/s", "unet ms/step", "step() ms", "step/unet")
+    rows = [header]
+    for run in report["runs"]:
+        rows.append((
+            run["unet"],
+            run["scheduler"],
+            f"{run['max_abs_diff']:.3g}",
+            f"{run['sec_per_step']:.4g}",
+            f"{run['images_per_s']:.4g}",
+            f"{run['unet_forward_ms']:.4g}",
+            f"{run['scheduler_step_ms']:.4g}",
+            f"{100 * run['step_to_forward_ratio']:.2f}%",
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    settings = report["settings"]
+    lines.append(
+        f"{settings['num_images']} images, {settings['num_inference_steps']} steps, seed {settings['seed']}, "
+        f"{settings['device']} {settings['dtype']}; max |Δ| is against unet=diffusers scheduler=diffusers"
+    )
+    return "\n".join(lines)
+
+
+def comparison_picture(comparison: Comparison):
+    """Get the four runs' image grids side by side, each captioned with its U-Net and scheduler."""
+    grids = [
+        with_caption(image_grid(images), f"unet={unet} sched={scheduler}")
+        for (unet, scheduler), images in comparison.images.items()
+    ]
+    return side_by_side(grids, gap=16)

@@ -1,0 +1,365 @@
+"""The `ddpm-fashion` CLI and the sampling, comparison and figure code behind it, on a tiny random pipeline."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMScheduler as LibraryDDPMScheduler
+from PIL import Image
+
+from conftest import write_synthetic_fashion_mnist
+from ddpm_fashion import compare, sampling
+from ddpm_fashion.cli import main
+from ddpm_fashion.figures import SCHEDULES, noised_images, one_per_class, schedule_curves
+from ddpm_fashion.scheduler import DDPMScheduler
+from ddpm_fashion.unet import UNet
+
+SIZE = 16  # tiny images keep every U-Net forward in the millisecond range
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and never fight the other test processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved DDPMPipeline with a small random UNet2DModel (one attention level) and the 1000-step schedule."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=SIZE,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return str(folder)
+
+
+def run_cli(argv, capsys):
+    """Run the CLI in-process; get (exit code, stdout, stderr)."""
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---- sampling library ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["diffusers", "own"])
+def test_generate_images_equals_ddpm_pipeline_call(model_dir, scheduler):
+    pipe = sampling.load_pipeline(model_dir, scheduler=scheduler, unet="diffusers", device="cpu")
+    ours = sampling.generate_images(pipe, 3, batch_size=3, num_inference_steps=4, seed=7, progress=False)
+
+    library = DDPMPipeline.from_pretrained(model_dir, local_files_only=True)
+    library.set_progress_bar_config(disable=True)
+    expected = library(batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=4,
+                       output_type="pt").images
+    assert ours.shape == (3, 1, SIZE, SIZE) and ours.dtype == torch.float32 and ours.device.type == "cpu"
+    assert torch.equal(ours, expected)
+
+
+def test_generate_images_in_batches_is_seeded_and_bounded_to_unit_range(model_dir):
+    pipe = sampling.load_pipeline(model_dir, device="cpu")
+    five = sampling.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
+    again = sampling.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
+    first_batch = sampling.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=1, progress=False)
+    other_seed = sampling.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=2, progress=False)
+    assert five.shape == (5, 1, SIZE, SIZE)
+    assert five.min() >= 0 and five.max() <= 1
+    assert torch.equal(five, again)
+    assert torch.equal(five[:2], first_batch)  # one generator runs through the batches in order
+    assert not torch.equal(five[2:4], five[:2])  # later batches continue the stream instead of restarting it
+    assert (first_batch - other_seed).abs().max() > 0.01
+
+
+def test_load_pipeline_builds_the_requested_scheduler_and_unet(model_dir):
+    own = sampling.load_pipeline(model_dir, scheduler="own", unet="own", device="cpu")
+    assert isinstance(own.scheduler, DDPMScheduler) and isinstance(own.unet, UNet)
+    ddim = sampling.load_pipeline(model_dir, scheduler="ddim", device="cpu")
+    assert isinstance(ddim.scheduler, DDIMScheduler) and isinstance(ddim.unet, UNet2DModel)
+    dpm = sampling.load_pipeline(model_dir, scheduler="dpm", device="cpu")
+    assert isinstance(dpm.scheduler, DPMSolverMultistepScheduler)
+    assert dpm.scheduler.config.algorithm_type == "dpmsolver++"
+    # Every scheduler keeps the trained noise schedule.
+    for pipe in (own, ddim, dpm):
+        assert torch.equal(pipe.scheduler.alphas_cumprod, LibraryDDPMScheduler().alphas_cumprod)
+    torch.testing.assert_close(own.unet.state_dict(), ddim.unet.state_dict(), rtol=0, atol=0)
+
+
+def test_generate_images_checks_inputs_before_running_the_unet(model_dir, monkeypatch):
+    pipe = sampling.load_pipeline(model_dir, device="cpu")
+    monkeypatch.setattr(pipe.unet, "forward", lambda *args, **kwargs: pytest.fail("the U-Net ran on bad input"))
+    for steps in (0, -1, 1001):
+        with pytest.raises(ValueError, match="num_inference_steps must be between 1 and the 1000"):
+            sampling.generate_images(pipe, 2, num_inference_steps=steps, progress=False)
+    with pytest.raises(ValueError, match="num_images must be a positive integer"):
+        sampling.generate_images(pipe, 0, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        sampling.generate_images(pipe, 2, batch_size=0, num_inference_steps=2, progress=False)
+
+
+def test_resolve_device():
+    assert sampling.resolve_device("cpu") == torch.device("cpu")
+    assert sampling.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device 'tpu' is not supported; choose one of: auto, cpu, cuda"):
+        sampling.resolve_device("tpu")
+
+
+def test_predicted_original_matches_the_library_step():
+    scheduler = LibraryDDPMScheduler(clip_sample=False)  # step() clips its x_0 estimate; ours is unclipped
+    sample, model_output = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for timestep in (999, 500, 1):
+        expected = scheduler.step(model_output, timestep, sample).pred_original_sample
+        got = sampling.predicted_original(scheduler, model_output, torch.tensor(timestep), sample)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gif_frame_steps_spread_over_the_run_and_keep_both_ends():
+    steps = sampling.gif_frame_steps(1000)
+    assert len(steps) == sampling.MAX_GIF_FRAMES and steps[0] == 0 and steps[-1] == 999
+    assert sampling.gif_frame_steps(5) == [0, 1, 2, 3, 4]
+    assert sampling.gif_frame_steps(1) == [0]
+
+
+# ---- sample ----------------------------------------------------------------------------------------------------
+
+def test_sample_writes_a_grid_and_a_reverse_process_gif(model_dir, tmp_path, capsys):
+    out, gif = tmp_path / "samples.png", tmp_path / "reverse.gif"
+    code, stdout, _ = run_cli(["sample", "--model", model_dir, "--num_inference_steps", 4, "--num_images", 4,
+                               "--batch_size", 3, "--out", out, "--gif", gif], capsys)
+    assert code == 0
+    assert f"wrote 4 images (own scheduler, 4 steps) to {out}" in stdout
+    with Image.open(out) as grid:
+        assert grid.format == "PNG"
+        assert grid.size == (2 * (SIZE + 2) + 2,) * 2  # 2 x 2 images with 2-pixel borders
+    with Image.open(gif) as animation:
+        assert animation.format == "GIF"
+        assert animation.n_frames == 5  # the 4 steps, then the finished samples
+        first = animation.convert("L").copy()
+        animation.seek(animation.n_frames - 1)
+        assert first.tobytes() != animation.convert("L").tobytes()
+    assert sorted(os.listdir(tmp_path)) == ["reverse.gif", "samples.png"]  # no temporary files left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not the staging file's private one
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "diffusers"])
+def test_sample_with_other_schedulers(model_dir, tmp_path, capsys, scheduler):
+    out = tmp_path / "samples.png"
+    code, stdout, _ = run_cli(["sample", "--model", model_dir, "--scheduler", scheduler, "--num_inference_steps", 3,
+                               "--num_images", 2, "--out", out], capsys)
+    assert code == 0 and f"({scheduler} scheduler, 3 steps)" in stdout
+    with Image.open(out) as grid:
+        assert grid.size == (2 * (SIZE + 2) + 2, SIZE + 4)
+
+
+# ---- compare ---------------------------------------------------------------------------------------------------
+
+def test_compare_reports_identical_images_for_all_four_combinations(model_dir, tmp_path, capsys):
+    report_path, out = tmp_path / "report.json", tmp_path / "compare.png"
+    code, stdout, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 3, "--num_images", 2,
+                                    "--seed", 3, "--json", report_path, "--out", out], capsys)
+    report = json.loads(report_path.read_text())
+    runs = {(run["unet"], run["scheduler"]): run for run in report["runs"]}
+    assert set(runs) == {("own", "own"), ("own", "diffusers"), ("diffusers", "own"), ("diffusers", "diffusers")}
+    assert runs["diffusers", "diffusers"]["max_abs_diff"] == 0.0
+    assert runs["diffusers", "own"]["max_abs_diff"] == 0.0  # our scheduler is bit-exact
+    for run in report["runs"]:
+        assert run["max_abs_diff"] <= compare.MAX_ABS_DIFF_TOLERANCE, run
+        assert run["sec_per_step"] > 0 and run["images_per_s"] > 0
+        assert run["unet_forward_ms"] > 0 and run["scheduler_step_ms"] > 0
+    assert report["settings"]["num_inference_steps"] == 3 and report["settings"]["num_images"] == 2
+    assert report["settings"]["seed"] == 3 and report["settings"]["dtype"] == "float32"
+    assert code == 0, stderr
+    assert "max |Δ|" in stdout and stdout.count("\n") >= 5
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width > 4 * (2 * (SIZE + 2) + 2)
+
+
+def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys, monkeypatch):
+    def load_with_perturbed_own_unet(*args, **kwargs):
+        pipe = sampling.load_pipeline(*args, **kwargs)
+        if isinstance(pipe.unet, UNet):
+            with torch.no_grad():
+                pipe.unet.conv_out.bias.add_(1e-3)
+        return pipe
+
+    monkeypatch.setattr(compare, "load_pipeline", load_with_perturbed_own_unet)
+    report_path = tmp_path / "report.json"
+    code, _, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 2, "--num_images", 2,
+                               "--json", report_path], capsys)
+    assert code == 1
+    assert "FAILED: unet=own scheduler=diffusers, unet=own scheduler=own differ" in stderr
+    runs = json.loads(report_path.read_text())["runs"]  # the report is still written, to show the difference
+    assert [run["max_abs_diff"] > 1e-4 for run in runs] == [False, False, True, True]
+
+
+# ---- forward ---------------------------------------------------------------------------------------------------
+
+def test_forward_figure_from_synthetic_idx_files(tmp_path, capsys):
+    data_dir = write_synthetic_fashion_mnist(tmp_path, num_train=20, num_test=20)
+    out = tmp_path / "figure" / "forward.png"
+    out.parent.mkdir()
+    code, stdout, _ = run_cli(["forward", "--data_dir", data_dir, "--out", out, "--dpi", 40], capsys)
+    assert code == 0 and f"to {out}" in stdout
+    with Image.open(out) as figure:
+        assert figure.format == "PNG" and figure.width > 200 and figure.height > 200
+    assert os.listdir(out.parent) == ["forward.png"]
+
+
+def test_forward_figure_on_real_fashion_mnist(real_data_dir, tmp_path, capsys):
+    out = tmp_path / "forward.png"
+    code, _, _ = run_cli(["forward", "--data_dir", real_data_dir, "--out", out, "--dpi", 40], capsys)
+    assert code == 0
+    with Image.open(out) as figure:
+        assert figure.format == "PNG"
+
+
+def test_noised_images_follow_q_xt_given_x0(real_data_dir):
+    from ddpm_fashion.data import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test", real_data_dir)
+    chosen = one_per_class(labels)
+    assert labels[chosen].tolist() == list(range(10))
+    clean = images[chosen].float() / 255
+    noisy = torch.from_numpy(noised_images(images[chosen], (0, 999), DDPMScheduler(), seed=0))
+    assert noisy.shape == (10, 2, 28, 28)
+    # t = 0 keeps the image (beta_1 = 1e-4); at t = 999 almost nothing of it is left (alpha-bar = 4e-5).
+    assert (noisy[:, 0] - clean).abs().max() < 0.05
+    correlation = torch.corrcoef(torch.stack([noisy[:, 1].flatten(), clean.flatten()]))[0, 1]
+    assert abs(correlation) < 0.05
+
+
+def test_schedule_curves_are_the_library_schedules():
+    curves = schedule_curves(1000)
+    assert list(curves) == ["linear", "cosine", "sigmoid"]
+    for name, (alpha_bar, snr) in curves.items():
+        expected = LibraryDDPMScheduler(beta_schedule=SCHEDULES[name]).alphas_cumprod.double().numpy()
+        assert (alpha_bar == expected).all()
+        assert (snr[1:] < snr[:-1]).all()  # signal-to-noise falls at every step
+        assert abs(snr[500] - expected[500] / (1 - expected[500])) < 1e-12
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+def _not_a_ddpm_pipeline(model_dir, tmp_path):
+    folder = tmp_path / "ddim-pipeline"
+    shutil.copytree(model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "DDIMPipeline"}))
+    return folder
+
+
+def _corrupt_weights(model_dir, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(model_dir, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+BAD_SAMPLE_INPUTS = {
+    "missing model dir": (lambda m, t: ["--model", t / "nowhere"], "model directory .* does not exist"),
+    "empty model dir": (lambda m, t: ["--model", t], "is not a saved DDPMPipeline: it has no model_index.json"),
+    "other pipeline": (lambda m, t: ["--model", _not_a_ddpm_pipeline(m, t)], "holds a DDIMPipeline, not a DDPM"),
+    "corrupt weights": (lambda m, t: ["--model", _corrupt_weights(m, t)], "is not a loadable DDPMPipeline"),
+    "corrupt weights, own unet": (lambda m, t: ["--model", _corrupt_weights(m, t), "--unet", "own"],
+                                  "is not a loadable DDPMPipeline"),
+    "unknown scheduler": (lambda m, t: ["--model", m, "--scheduler", "euler"], "invalid choice: 'euler'"),
+    "zero steps": (lambda m, t: ["--model", m, "--num_inference_steps", 0], "between 1 and the 1000 training"),
+    "negative steps": (lambda m, t: ["--model", m, "--num_inference_steps", -5], "between 1 and the 1000 training"),
+    "too many steps": (lambda m, t: ["--model", m, "--num_inference_steps", 1001], "between 1 and the 1000 training"),
+    "zero images": (lambda m, t: ["--model", m, "--num_images", 0], "must be a positive integer, got 0"),
+    "missing out dir": (lambda m, t: ["--model", m, "--out", t / "no" / "s.png"], "directory .* does not exist"),
+    "out is a dir": (lambda m, t: ["--model", m, "--out", t / "dir.png"], "is a directory"),
+    "unknown suffix": (lambda m, t: ["--model", m, "--out", t / "s.txt"], "must end in one of: .png"),
+    "gif suffix": (lambda m, t: ["--model", m, "--gif", t / "r.png"], r"must end in one of: \.gif"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SAMPLE_INPUTS)
+def test_bad_sample_input_is_one_line_exit_2_and_writes_nothing(model_dir, tmp_path, capsys, case):
+    make_args, message = BAD_SAMPLE_INPUTS[case]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "dir.png").mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = make_args(model_dir, scratch)
+    if "--out" not in args:
+        args += ["--out", out_dir / "samples.png"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # A case's own --num_inference_steps comes later and wins: argparse keeps the last value.
+    code, stdout, stderr = run_cli(["sample", "--num_inference_steps", 2, *args], capsys)
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("ddpm-fashion sample: error: "), stderr
+    assert "Traceback" not in stderr
+    assert re.search(message, stderr), stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert stdout == ""
+
+
+def test_forward_without_data_is_refused(tmp_path, capsys):
+    code, _, stderr = run_cli(["forward", "--out", tmp_path / "f.png", "--data_dir", tmp_path / "nowhere"], capsys)
+    assert code == 2 and stderr.startswith("ddpm-fashion forward: error: data_dir") and stderr.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device cuda is valid here")
+def test_cuda_without_a_gpu_is_refused(model_dir, tmp_path, capsys):
+    code, _, stderr = run_cli(["sample", "--model", model_dir, "--device", "cuda", "--out", tmp_path / "s.png"],
+                              capsys)
+    assert code == 2 and "no CUDA GPU is available" in stderr and stderr.count("\n") == 1
+
+
+def test_bad_compare_steps_write_nothing(model_dir, tmp_path, capsys):
+    code, _, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 0,
+                               "--json", tmp_path / "r.json", "--out", tmp_path / "c.png"], capsys)
+    assert code == 2 and stderr.startswith("ddpm-fashion compare: error: num_inference_steps must be between")
+    assert os.listdir(tmp_path) == []
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
+
+def test_python_m_ddpm_fashion_runs_the_cli(model_dir, tmp_path):
+    command = [sys.executable, "-m", "ddpm_fashion"]
+    as_text = lambda *args: [str(arg) for arg in args]  # noqa: E731
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(as_text(*command, "sample", "--model", model_dir, "--num_inference_steps", 2,
+                                  "--num_images", 2, "--device", "cpu", "--out", tmp_path / "s.png"),
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "s.png") as grid:
+        assert grid.format == "PNG"
+
+    bad = subprocess.run(as_text(*command, "sample", "--model", tmp_path / "nowhere"), capture_output=True, text=True,
+                         env=env, cwd=REPO_ROOT, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_usage_errors_are_one_line_and_exit_2(capsys):
+    code, _, stderr = run_cli([], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "the following arguments are required" in stderr
+    code, _, stderr = run_cli(["sample"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "--model" in stderr
+    code, stdout, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "sample" in stdout and "compare" in stdout and "forward" in stdout
