@@ -1,6 +1,18 @@
 """ddpm_fashion: a readable DDPM for FashionMNIST with its own scheduler and U-Net, proven equal to diffusers'."""
 
+from .data import CLASS_NAMES, ShardedBatchSampler, crop_to_28, fashion_mnist_dataset, load_fashion_mnist, to_model_input
 from .scheduler import DDPMScheduler, DDPMSchedulerOutput
+from .unet import UNet
 
 __version__ = "0.1.0"
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput"]
+__all__ = [
+    "CLASS_NAMES",
+    "DDPMScheduler",
+    "DDPMSchedulerOutput",
+    "ShardedBatchSampler",
+    "UNet",
+    "crop_to_28",
+    "fashion_mnist_dataset",
+    "load_fashion_mnist",
+    "to_model_input",
+]

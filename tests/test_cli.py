@@ -363,3 +363,26 @@ def test_usage_errors_are_one_line_and_exit_2(capsys):
     assert code == 2 and stderr.count("\n") == 1 and "--model" in stderr
     code, stdout, _ = run_cli(["--help"], capsys)
     assert code == 0 and "sample" in stdout and "compare" in stdout and "forward" in stdout
+
+
+def readme_python_block(marker: str) -> str:
+    """The first ```python block of README.md that contains `marker`."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S):
+        if marker in block:
+            return block
+    raise AssertionError(f"README.md has no python block containing {marker!r}")
+
+
+def test_readme_scheduler_swap_snippet_runs(model_dir, tmp_path, monkeypatch):
+    snippet = readme_python_block("pipe.scheduler = ddpm_fashion.DDPMScheduler.from_config")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet.replace('"out"', repr(str(model_dir))), "README.md", "exec"), namespace)
+    assert (tmp_path / "sample.png").is_file()
+    import ddpm_fashion
+    from diffusers import DPMSolverMultistepScheduler
+
+    assert isinstance(namespace["pipe"].unet, ddpm_fashion.UNet)
+    assert isinstance(namespace["pipe"].scheduler, DPMSolverMultistepScheduler)
+    assert namespace["pipe"].scheduler.config.algorithm_type == "dpmsolver++"
