@@ -7,7 +7,6 @@ Files are written under a temporary name in the target folder and renamed into p
 """
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -17,9 +16,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
 
 PROG = "ddpm-fashion"
-# TODO(lead): import ddpm_fashion.evaluate and ddpm_fashion.classifier unconditionally once both modules land, and
-# drop the ModuleNotFoundError skip in _register_external_subcommands.
-EXTERNAL_SUBCOMMAND_MODULES = ("ddpm_fashion.evaluate", "ddpm_fashion.classifier")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -193,20 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--dpi", type=positive_int, default=120)
     forward.set_defaults(func=run_forward)
 
-    _register_external_subcommands(subparsers)
+    # evaluate and classifier own their subcommands' options; they import this module's output helpers,
+    # so they are imported here rather than at the top.
+    from ddpm_fashion import classifier, evaluate
+
+    evaluate.add_parser(subparsers)
+    classifier.add_parser(subparsers)
     return parser
-
-
-def _register_external_subcommands(subparsers) -> None:
-    """Let the evaluate and classifier modules add their own subcommands."""
-    for module_name in EXTERNAL_SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:  # a missing dependency inside the module is a real error
-                raise
-            continue
-        module.add_parser(subparsers)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,257 @@
+"""Sample-quality metrics: they must rank degraded images worse, agree with their libraries, and report a protocol."""
+
+import json
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMScheduler as LibraryDDPMScheduler
+from torchvision.transforms.functional import gaussian_blur
+
+from ddpm_fashion import evaluate
+from ddpm_fashion.cli import main
+from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
+
+NUM_IMAGES = 1000  # enough for stable FID ranks of a 128-d feature, few enough to stay fast
+JSON_KEYS = {"fid", "features", "num_samples", "reference", "sampler", "num_inference_steps", "precision", "recall",
+             "class_histogram", "class_kl_from_uniform", "seed", "image_size", "crop", "feature_extractor"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convolutions run fastest on one thread, and never fight the other test processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory):
+    """One cache folder for the whole module, so the test set's features are computed once."""
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+@pytest.fixture(scope="module")
+def built_evaluators():
+    """Evaluators built so far in this module: building one extracts the features of the whole test set."""
+    return {}
+
+
+@pytest.fixture
+def evaluator(real_data_dir, reference_cache, built_evaluators):
+    """An fmnist Evaluator against the real test set, built once per module."""
+    if real_data_dir not in built_evaluators:
+        built_evaluators[real_data_dir] = evaluate.Evaluator(data_dir=real_data_dir, cache=reference_cache)
+    return built_evaluators[real_data_dir]
+
+
+@pytest.fixture
+def real_images(real_data_dir):
+    """NUM_IMAGES real training images as floats [N, 1, 28, 28] in [0, 1], as a generator would return them."""
+    return evaluate.real_training_images(NUM_IMAGES, seed=1, data_dir=real_data_dir).float() / 255
+
+
+def test_real_training_images_score_close_to_the_test_set_and_noise_far_from_it(evaluator, real_images):
+    real = evaluator.evaluate(real_images)
+    noise = evaluator.evaluate(torch.rand(NUM_IMAGES, 1, 28, 28))
+    assert 0 <= real["fid"] < 2.0
+    assert noise["fid"] > 50 * real["fid"]
+    assert real["precision"] > 0.7 and real["recall"] > 0.7
+    # Noise images all land on one spot of feature space; k-NN precision counts it as "real" if that spot falls in
+    # the ball of an outlying real image (the weakness Naeem et al. 2020 address), so precision stays above 0.
+    assert noise["precision"] < 0.3 and noise["recall"] < 0.05
+    assert real["class_kl_from_uniform"] < 0.01  # the classes of real images are balanced
+    assert noise["class_kl_from_uniform"] > 0.5  # noise is not a garment, whatever class it is forced into
+
+
+def _fid_ladder(evaluator, images, degrade, strengths):
+    """FID of images degraded at each strength."""
+    return [evaluator.evaluate(degrade(images, strength))["fid"] for strength in strengths]
+
+
+def test_fid_rises_monotonically_with_gaussian_noise(evaluator, real_images):
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(real_images.shape, generator=generator)
+    fids = _fid_ladder(evaluator, real_images, lambda x, sigma: (x + sigma * noise).clamp(0, 1),
+                       (0.0, 0.05, 0.1, 0.2, 0.4))
+    assert all(lower < higher for lower, higher in zip(fids, fids[1:])), fids
+
+
+def test_fid_rises_monotonically_with_blur(evaluator, real_images):
+    fids = _fid_ladder(evaluator, real_images,
+                       lambda x, sigma: gaussian_blur(x, kernel_size=9, sigma=sigma) if sigma else x,
+                       (0.0, 0.6, 1.0, 1.5, 2.5))
+    assert all(lower < higher for lower, higher in zip(fids, fids[1:])), fids
+
+
+def test_generated_32px_images_are_cropped_to_the_data_before_scoring(evaluator, real_images):
+    padded = torch.nn.functional.pad(real_images, (2, 2, 2, 2))  # [N, 1, 32, 32], as the model generates them
+    assert evaluator.evaluate(padded)["fid"] == pytest.approx(evaluator.evaluate(real_images)["fid"], rel=1e-6)
+
+
+def test_frechet_distance_is_torchmetrics_fid_on_the_extractor(evaluator, real_images):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    images = evaluate.to_uint8_images(real_images[:300])
+    library = FrechetInceptionDistance(feature=evaluator.extractor)  # torchmetrics runs the extractor itself
+    library.update(evaluate.to_uint8_images(real_images[300:700]), real=True)
+    library.update(images, real=False)
+    ours = evaluate.frechet_distance(evaluate.extract_features(evaluator.extractor, images),
+                                     evaluate.extract_features(evaluator.extractor,
+                                                               evaluate.to_uint8_images(real_images[300:700])))
+    assert ours == pytest.approx(library.compute().item(), rel=1e-5)
+
+
+def test_precision_recall_follows_the_k_nearest_neighbour_definition():
+    # Reference points on a line at 0..9: with k=3 an inner point's ball has radius 2, an end point's radius 3.
+    reference = torch.arange(10.0)[:, None]
+    inside = torch.tensor([[2.5], [7.0], [-3.0], [11.0]])
+    half_outside = torch.tensor([[2.5], [30.0], [7.0], [-20.0]])
+    assert evaluate.precision_recall(inside, reference)["precision"] == 1.0
+    assert evaluate.precision_recall(half_outside, reference)["precision"] == 0.5
+    # Recall: reference points inside balls around the generated points (radius: the 3rd neighbour among them).
+    assert evaluate.precision_recall(torch.arange(0.0, 10.0, 2.0)[:, None], reference)["recall"] == 1.0
+    clustered = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4]])  # radii 0.2 to 0.3: only point 0 is covered
+    assert evaluate.precision_recall(clustered, reference)["recall"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="at least 4"):
+        evaluate.precision_recall(inside[:3], reference)
+
+
+def test_class_histogram_and_its_kl_from_uniform():
+    balanced = evaluate.class_histogram(torch.arange(100) % 10)
+    assert balanced.tolist() == [0.1] * 10
+    assert evaluate.kl_from_uniform(balanced) == pytest.approx(0.0, abs=1e-12)
+    single = evaluate.class_histogram(torch.full((7,), 3))
+    assert evaluate.kl_from_uniform(single) == pytest.approx(math.log(10))
+    halves = evaluate.class_histogram(torch.tensor([6, 8]))  # half "Shirt", half "Bag"
+    assert evaluate.kl_from_uniform(halves) == pytest.approx(math.log(5))
+
+
+def test_reference_features_are_cached_by_extractor_split_and_data(evaluator, real_data_dir, reference_cache):
+    files = sorted(reference_cache.glob("reference-*.safetensors"))
+    assert [path.name.split("-")[1] for path in files] == ["fmnist"]
+    assert f"-{evaluator.reference_split}-" in files[0].name
+    cached = evaluate.reference_features(evaluator.extractor, "test", real_data_dir, cache=reference_cache)
+    assert torch.equal(cached, evaluator.reference)
+    assert evaluator.reference.shape == (len(load_fashion_mnist("test", real_data_dir)[0]), evaluator.extractor.num_features)
+    # A damaged cache file is recomputed and replaced, never trusted.
+    files[0].write_bytes(b"not safetensors")
+    recomputed = evaluate.reference_features(evaluator.extractor, "test", real_data_dir, cache=reference_cache)
+    torch.testing.assert_close(recomputed, evaluator.reference, rtol=1e-5, atol=1e-5)
+    assert not any(path.name.startswith(".") for path in reference_cache.iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.rand(20, 3, 28, 28), "grey"),
+    (torch.rand(20, 1, 30, 30), "grey"),
+    (torch.rand(20, 1, 28, 28) * 2, r"\[0, 1\]"),
+    (torch.rand(5, 1, 28, 28), "at least"),
+])
+def test_bad_images_are_refused(evaluator, bad, message):
+    with pytest.raises(ValueError, match=message):
+        evaluator.evaluate(bad)
+
+
+def run_cli(argv, capsys):
+    """Run the CLI in-process; get (exit code, stdout, stderr)."""
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_evaluate_real_train_writes_the_report_and_protocol(real_data_dir, reference_cache, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    report_path = tmp_path / "report.json"
+    code, out, err = run_cli(["evaluate", "--model", "real-train", "--num_samples", 500, "--json", report_path,
+                              "--data_dir", real_data_dir, "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert JSON_KEYS <= set(report)
+    assert report["num_samples"] == 500 and report["features"] == "fmnist" and report["reference"] == "test"
+    assert report["model"] == "real-train" and report["sampler"] is None and report["num_inference_steps"] is None
+    assert list(report["class_histogram"]) == list(CLASS_NAMES)
+    assert sum(report["class_histogram"].values()) == pytest.approx(1.0)
+    assert 0 <= report["fid"] < 5 and 0 < report["precision"] <= 1 and 0 < report["recall"] <= 1
+    assert f"FID {report['fid']:.3f}" in out and "protocol:" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A saved DDPMPipeline with a tiny random 32x32 U-Net: its images are noise, but they go the generated path."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_generated_images_reports_sampler_and_speed(tiny_pipeline, real_data_dir, reference_cache, tmp_path,
+                                                             capsys, monkeypatch):
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    report_path = tmp_path / "report.json"
+    code, out, err = run_cli(["evaluate", "--model", tiny_pipeline, "--num_samples", 20, "--scheduler", "ddim",
+                              "--num_inference_steps", 2, "--batch_size", 10, "--json", report_path,
+                              "--data_dir", real_data_dir, "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert JSON_KEYS <= set(report)
+    assert report["sampler"] == "ddim" and report["num_inference_steps"] == 2 and report["num_samples"] == 20
+    assert report["seconds_per_1000_images"] > 0 and "CPU" in report["machine"]
+    assert report["fid"] > 10  # an untrained U-Net makes no garments
+    assert "s per 1000 images" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--features", "inception", "--inception_weights", "/nonexistent/inception.pth"], "--inception_weights"),
+    (["--features", "inception"], "--inception_weights"),
+    (["--inception_weights", "x.pth"], "only applies to --features inception"),
+    (["--num_samples", "3"], "at least"),
+    (["--json", "/nonexistent/report.json"], "does not exist"),
+])
+def test_evaluate_refuses_bad_input_in_one_line(argv, message, real_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached Inception weights to fall back to
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path / "cache"))
+    code, out, err = run_cli(["evaluate", "--model", "real-train", "--num_samples", 20, "--data_dir", real_data_dir,
+                              "--device", "cpu", *argv], capsys)
+    assert code == 2
+    assert err.startswith("ddpm-fashion evaluate: error:") and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_inception_weights_that_are_not_a_plain_state_dict_are_refused_unread(tmp_path):
+    pickled = tmp_path / "weights.pth"
+    torch.save({"conv": torch.zeros(1), "payload": Fraction(1, 3)}, pickled)  # only full unpickling can read it
+    with pytest.raises(ValueError, match="tensors-only state dict"):
+        evaluate.InceptionFeatures(str(pickled))
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match="does not hold FID InceptionV3 weights"):
+        evaluate.InceptionFeatures(str(wrong))
+
+
+def test_inception_features_equal_torchmetrics_standard_extractor(tmp_path, monkeypatch):
+    """With any weights (random here: the real ones need the internet), our path computes torchmetrics' features."""
+    from safetensors.torch import save_file
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    torch.manual_seed(0)
+    with monkeypatch.context() as patch:  # build torchmetrics' extractor with random weights, no weights file
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        library = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])  # FID's default settings
+    weights = tmp_path / "inception.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in library.state_dict().items()}, weights)
+
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    ours = evaluate.InceptionFeatures(str(weights))
+    assert ours.num_features == 2048 and "antialias=True" in ours.description
+    torch.testing.assert_close(ours(images), library(images.repeat(1, 3, 1, 1)), rtol=0, atol=0)
