@@ -8,7 +8,8 @@ groups, 32x32x1); --config adds the `unet:` mapping of a training YAML. For each
 MSE, backward, AdamW step) with each AdamW implementation (torch's default, on CPU a per-tensor loop; foreach;
 fused: the optimizer is the trainer's choice), and an inference forward under torch.inference_mode. Rounds
 alternate the two networks, and which goes first, so load from other processes hits both alike; medians over
-rounds are reported.
+rounds are reported. On a machine shared with other work, wall-clock time also counts the waits for a core, so
+img/s per CPU-second of the process (the work done; OpenMP spin-waiting counts too) is printed as well.
 
 Before timing, the outputs and gradients of the two networks are compared and printed: a speed-up only counts at
 identical results. Peak memory on CPU is the growth of the peak RSS (VmHWM, reset through /proc/self/clear_refs)
@@ -91,12 +92,12 @@ def synchronize(device):
 
 
 def seconds(function, device):
-    """Get the wall time of one call."""
+    """Get the (wall, process CPU) seconds of one call."""
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     function()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def relative_error(actual, expected):
@@ -142,15 +143,17 @@ def measure_speed(config, args, device):
 
     for task, run in tasks.items():  # warm-up; with --compile this is where compilation happens
         for name in networks:
-            elapsed = seconds(lambda: run(name), device)
+            elapsed, _ = seconds(lambda: run(name), device)
             if args.compile:
                 print(f"  first call (compiles), {task}, {name}: {elapsed:.1f} s")
-    samples = {(task, name): [] for task in tasks for name in networks}
+    samples = {(task, name, clock): [] for task in tasks for name in networks for clock in ("wall", "cpu")}
     for round_index in range(args.rounds):
         order = list(networks) if round_index % 2 == 0 else list(reversed(networks))
         for task, run in tasks.items():
             for name in order:
-                samples[task, name].append(args.batch_size / seconds(lambda: run(name), device))
+                wall, cpu = seconds(lambda: run(name), device)
+                samples[task, name, "wall"].append(args.batch_size / wall)
+                samples[task, name, "cpu"].append(args.batch_size / cpu)
     return {key: statistics.median(values) for key, values in samples.items()}, list(tasks)
 
 
@@ -217,17 +220,20 @@ def report(label, config, args, device):
     print(f"  batch {args.batch_size}, {args.precision}, {device.type}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds{', torch.compile' if args.compile else ''}")
     speeds, tasks = measure_speed(config, args, device)
-    print(f"  {'img/s (median)':28s} {'ours':>9s} {'UNet2DModel':>12s} {'ratio':>7s}")
-    for task in tasks:
-        ours, reference = speeds[task, "ours"], speeds[task, "UNet2DModel"]
-        print(f"  {task:28s} {ours:9.1f} {reference:12.1f} {ours / reference:6.2f}x")
+    for clock, title in (("wall", "img/s, wall clock"), ("cpu", "img/s per CPU-second")):
+        if clock == "cpu" and device.type != "cpu":
+            continue
+        print(f"  {title + ' (median)':38s} {'ours':>9s} {'UNet2DModel':>12s} {'ratio':>7s}")
+        for task in tasks:
+            ours, reference = speeds[task, "ours", clock], speeds[task, "UNet2DModel", clock]
+            print(f"  {task:38s} {ours:9.1f} {reference:12.1f} {ours / reference:6.2f}x")
     if args.skip_memory:
         return
     kind = "allocator peak" if device.type == "cuda" else "peak RSS growth"
     for task in ("train", "inference"):
         ours = peak_memory_mib(config, args, device, "ours", task)
         reference = peak_memory_mib(config, args, device, "UNet2DModel", task)
-        print(f"  {task + ' memory, ' + kind + ' (MiB)':28s} {ours:9.0f} {reference:12.0f} {ours / reference:6.2f}x")
+        print(f"  {task + ' memory, ' + kind + ' (MiB)':38s} {ours:9.0f} {reference:12.0f} {ours / reference:6.2f}x")
 
 
 def unet_config_from_yaml(path):

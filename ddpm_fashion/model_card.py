@@ -25,7 +25,7 @@ datasets:
 # DDPM trained on FashionMNIST
 
 An unconditional DDPM (Ho et al. 2020) trained on FashionMNIST (28×28 grey, padded to 32×32) with
-[ddpm_fashion](https://github.com/) `train_accelerate.py`. The folder is a standard diffusers `DDPMPipeline`.
+ddpm_fashion's `train_accelerate.py`. The folder is a standard diffusers `DDPMPipeline`.
 
 ![samples](samples.png)
 

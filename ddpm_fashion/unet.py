@@ -439,8 +439,9 @@ class UNet(nn.Module, ConfigMixin):
         """Get a diffusers UNet2DModel with this model's config, weights, dtype, device and train/eval mode."""
         from diffusers import UNet2DModel
 
-        unet2d = UNet2DModel(**public_config(self.config))
-        unet2d.to(device=self.device, dtype=self.dtype)
+        unet2d = UNet2DModel(**public_config(self.config)).to(self.device)
+        if self.dtype != unet2d.dtype:  # diffusers warns on any dtype argument to .to(), even a no-op one
+            unet2d.to(self.dtype)
         load_strict(unet2d, self.state_dict())
         return unet2d.train(self.training)
 

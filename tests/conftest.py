@@ -18,6 +18,15 @@ def _seed_everything():
 
 
 @pytest.fixture
+def one_thread():
+    """Small models run fastest on one thread, and then never fight other test processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def real_data_dir():
     """The Debian package's FashionMNIST folder, or a skip that says how to get it."""
     if not os.path.isdir(FASHION_MNIST_DEBIAN_DIR):

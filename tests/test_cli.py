@@ -25,13 +25,7 @@ SIZE = 16  # tiny images keep every U-Net forward in the millisecond range
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and never fight the other test processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -386,3 +380,16 @@ def test_readme_scheduler_swap_snippet_runs(model_dir, tmp_path, monkeypatch):
     assert isinstance(namespace["pipe"].unet, ddpm_fashion.UNet)
     assert isinstance(namespace["pipe"].scheduler, DPMSolverMultistepScheduler)
     assert namespace["pipe"].scheduler.config.algorithm_type == "dpmsolver++"
+
+
+def test_readme_unet_conversion_snippet_runs(model_dir, tmp_path, monkeypatch):
+    snippet = readme_python_block("ddpm_fashion.UNet.from_pretrained")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet.replace('"out"', repr(str(model_dir))), "README.md", "exec"), namespace)
+    from diffusers import UNet2DModel
+
+    copy = UNet2DModel.from_pretrained(tmp_path / "unet-copy")
+    original = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
+    for (name, a), b in zip(original.state_dict().items(), copy.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

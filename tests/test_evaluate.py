@@ -19,13 +19,7 @@ JSON_KEYS = {"fid", "features", "num_samples", "reference", "sampler", "num_infe
              "class_histogram", "class_kl_from_uniform", "seed", "image_size", "crop", "feature_extractor"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions run fastest on one thread, and never fight the other test processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -197,3 +197,39 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tr
     assert "loss became" in err and "at step" in err
     assert any((output_dir / "checkpoints").glob("checkpoint-*"))
     assert not (output_dir / "model_index.json").exists()
+
+
+def test_bf16_mixed_precision_on_cpu_with_tensorboard_logging(tmp_path, train_data_dir):
+    output_dir = tmp_path / "out"
+    # A subprocess: Accelerate's process-wide state keeps the precision of the first Accelerator made in a process.
+    run_training(output_dir, train_data_dir, "--mixed_precision", "bf16", "--logger", "tensorboard",
+                 "--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 2)
+    losses = trainer_state(output_dir, 4)["losses"]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+    events = list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events and all(event.stat().st_size > 0 for event in events)
+    published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in published.values()} == {torch.float32}  # autocast, not bf16 weights
+
+
+def test_a_run_killed_at_any_moment_resumes(tmp_path, train_data_dir):
+    """SIGKILL the trainer as soon as its first checkpoint exists (maybe mid-save of the next), then resume."""
+    import signal
+    import time
+
+    output_dir = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), "--config", str(SMOKE), "--output_dir", str(output_dir),
+               "--data_dir", str(train_data_dir), "--max_train_steps", "20", "--checkpointing_steps", "2",
+               "--save_images_steps", "100"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (output_dir / "checkpoints" / "checkpoint-2").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output_dir / "model_index.json").exists()  # killed before publishing
+    train_in_process(output_dir, train_data_dir, "--max_train_steps", 20, "--checkpointing_steps", 2,
+                     "--save_images_steps", 100, "--resume_from_checkpoint", "latest")
+    assert trainer_state(output_dir, 20)["global_step"] == 20
+    assert (output_dir / "model_index.json").is_file()

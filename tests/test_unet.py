@@ -460,6 +460,7 @@ def test_ddpm_pipeline_runs_with_our_unet_and_matches_diffusers_unet():
 
 
 def test_speed_benchmark_runs_and_checks_identical_results(capsys):
+    import argparse
     import importlib.util
     from pathlib import Path
 
@@ -467,12 +468,9 @@ def test_speed_benchmark_runs_and_checks_identical_results(capsys):
     spec = importlib.util.spec_from_file_location("unet_speed", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    threads = torch.get_num_threads()
-    try:
-        benchmark.main(["--rounds", "1", "--batch-size", "2", "--skip-memory"])
-    finally:
-        torch.set_num_threads(threads)
+    args = argparse.Namespace(rounds=1, batch_size=2, precision="fp32", compile=False, skip_memory=True)
+    benchmark.report("tiny", CONFIGS["project_cpu"], args, torch.device("cpu"))
     printed = capsys.readouterr().out
     differences = [float(x) for x in re.findall(r"rel\. diff ([0-9.e+-]+)", printed)]
     assert len(differences) == 2 and max(differences) < 1e-5
-    assert printed.count("x\n") == 4  # three training rows and one inference row with a ratio
+    assert printed.count("x\n") == 8  # three training rows and one inference row, wall clock and CPU time
