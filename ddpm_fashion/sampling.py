@@ -31,7 +31,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # Fast samplers need far fewer steps than the 1000 training steps DDPM walks through; these are their usual counts.
 DEFAULT_INFERENCE_STEPS = {"ddim": 50, "dpm": 25}
 # Enough frames to watch the noise turn into clothes. Noisy frames barely compress: 16 images x 41 frames at 3x
-# scale made a 5.4 MB GIF, at 2x about 2.4 MB.
+# scale made a 5.4 MB GIF, at 2x 3.4 MB.
 MAX_GIF_FRAMES = 40
 MAX_GIF_IMAGES = 16
 GIF_FRAME_MS = 80
