@@ -2,10 +2,11 @@
 
     python benchmarks/unet_drift.py --model out-cpu [--batch_size 8] [--seed 0]
 
-Prints max |difference| of one forward at t = 999, 500, 50 on the same noise for: our UNet (as shipped, with the
-fused transposed-convolution upsampler); our UNet with the upsampler computed as nearest x2 + 3x3 convolution;
-UNet2DModel converted to channels-last. If the last matches the first, the differences come from the memory
-layout of the convolutions, not from our arithmetic. `compare` over 1000 steps accumulates these.
+Prints max |difference| of one forward at t = 999, 500, 50 on the same noise for: our UNet (as shipped: channels-last,
+with the fused transposed-convolution upsampler); our UNet with the upsampler computed as nearest x2 + 3x3
+convolution; our UNet in UNet2DModel's NCHW layout (`channels_last = False`, what `compare` runs); UNet2DModel
+converted to channels-last. If the last matches the first, the differences come from the memory layout of the
+convolutions, not from our arithmetic. Sampling over 1000 steps accumulates these.
 """
 
 import argparse
@@ -46,15 +47,17 @@ def main():
     sample = torch.randn(args.batch_size, reference.config.in_channels, size, size,
                          generator=torch.Generator().manual_seed(args.seed))
     print(f"max |difference| of one forward vs UNet2DModel at t = {TIMESTEPS}, batch {args.batch_size}:")
-    print(f"  ours (fused upsampler)           {max_differences(ours, reference, sample)}")
+    print(f"  ours (fused upsampler)            {max_differences(ours, reference, sample)}")
     shipped = Upsample.forward
     Upsample.forward = nearest_then_conv
     try:
-        print(f"  ours (nearest + conv upsampler)  {max_differences(ours, reference, sample)}")
+        print(f"  ours (nearest + conv upsampler)   {max_differences(ours, reference, sample)}")
     finally:
         Upsample.forward = shipped
+    ours.channels_last = False
+    print(f"  ours, NCHW (channels_last=False)  {max_differences(ours, reference, sample)}")
     channels_last = copy.deepcopy(reference).to(memory_format=torch.channels_last)
-    print(f"  UNet2DModel, channels-last       {max_differences(channels_last, reference, sample)}")
+    print(f"  UNet2DModel, channels-last        {max_differences(channels_last, reference, sample)}")
 
 
 if __name__ == "__main__":

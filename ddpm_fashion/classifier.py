@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, PreTrainedModel, RegNetConfig, get_cosine_schedule_with_warmup
+from transformers.utils import logging as transformers_logging
 
 from ddpm_fashion.cli import check_output_path, positive_int
 from ddpm_fashion.data import CLASS_NAMES, IMAGE_SIZE, load_fashion_mnist
@@ -90,7 +91,14 @@ def load_classifier(path=WEIGHTS_DIR) -> PreTrainedModel:
     if not (folder / "config.json").is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"no trained classifier in {folder}: it needs config.json and {WEIGHTS_FILE}; "
                                 f"make one with `ddpm-fashion train-classifier --out {folder}`")
-    model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    # transformers draws a progress bar over the tensors of even this 0.8 MB model: noise in a command's output.
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    finally:
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
     return model.eval()
 
 

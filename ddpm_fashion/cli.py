@@ -91,9 +91,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """Sample with the four own/library U-Net x scheduler pairs; print, and optionally save, the comparison."""
-    from ddpm_fashion.compare import MAX_ABS_DIFF_TOLERANCE, comparison_picture, format_table, mismatched_runs
-    from ddpm_fashion.compare import run_comparison
+    """Sample with the own/library U-Net x scheduler pairs; print, and optionally save, the comparison."""
+    from ddpm_fashion.compare import comparison_picture, format_table, mismatched_runs, run_comparison, run_label
 
     report_path = check_output_path(args.json, (".json",)) if args.json else None
     out = check_output_path(args.out, IMAGE_SUFFIXES) if args.out else None
@@ -106,12 +105,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if out:
         with atomic_output(out) as staging:
             comparison_picture(comparison).save(staging)
-        print(f"wrote the four grids to {out}")
+        print(f"wrote the grids side by side to {out}")
     mismatched = mismatched_runs(comparison.report)
     if mismatched:
-        names = ", ".join(f"unet={run['unet']} scheduler={run['scheduler']}" for run in mismatched)
-        print(f"{PROG} compare: FAILED: {names} differ from the library images by more than "
-              f"{MAX_ABS_DIFF_TOLERANCE:g} with identical seeds", file=sys.stderr)
+        names = ", ".join(f"unet={run_label(run['unet'], run['mode'])} scheduler={run['scheduler']} "
+                          f"({run['max_abs_diff']:.3g} > {run['tolerance']:g})" for run in mismatched)
+        print(f"{PROG} compare: FAILED: {names} differ from the library images with identical seeds",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(compare)
     compare.add_argument("--num_images", type=positive_int, default=64, help="one batch of this many images")
     compare.add_argument("--json", default=None, help="write the report as JSON here")
-    compare.add_argument("--out", default=None, help="write the four grids side by side here")
+    compare.add_argument("--out", default=None, help="write the runs' grids side by side here")
     compare.set_defaults(func=run_compare)
 
     forward = subparsers.add_parser("forward", help="figure: the forward process on real images, and the schedules")

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from ddpm_fashion.classifier import WEIGHTS_DIR, WEIGHTS_FILE, features_and_logits, load_classifier
-from ddpm_fashion.cli import atomic_output, check_output_path, positive_int
+from ddpm_fashion.cli import atomic_output, check_output_path, one_line, positive_int
 from ddpm_fashion.data import CLASS_NAMES, IMAGE_SIZE, MODEL_SIZE, _hub_is_offline, crop_to_28, load_fashion_mnist
 
 FEATURE_CHOICES = ("fmnist", "inception")
@@ -406,12 +406,124 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Saved samples: a long sampling run (DDPM's 1000 steps on a CPU take hours) survives being stopped
+# ----------------------------------------------------------------------------------------------------------------
+
+SAMPLES_FORMAT = "ddpm_fashion evaluate samples v1"
+
+
+def pipeline_fingerprint(model_dir) -> str:
+    """Get the SHA-256 of a saved pipeline's files, so saved samples are only ever continued with the same model."""
+    digest = hashlib.sha256()
+    folder = Path(model_dir)
+    for path in sorted(file for file in folder.rglob("*") if file.is_file() and not file.name.startswith(".")):
+        if path.relative_to(folder).parts[0] not in ("unet", "scheduler", "model_index.json"):
+            continue  # a trainer's checkpoints/ and logs/ beside the pipeline are not the model
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + _sha256_of_file(path).encode())
+    return digest.hexdigest()
+
+
+def load_samples(path: Path, settings: dict, num_samples: int, batch_size: int) -> Optional[dict]:
+    """Get the images, generator state and timing saved by an earlier run of these settings (None if no file)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != SAMPLES_FORMAT:
+                raise ValueError("no samples metadata")
+            saved = {"images": handle.get_tensor("images"), "generator_state": handle.get_tensor("generator_state"),
+                     "settings": json.loads(metadata["settings"]), "seconds": float(metadata["sampling_seconds"]),
+                     "machine": metadata["machine"]}
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--samples_file {path} is not a samples file of `ddpm-fashion evaluate` ({one_line(error)}); "
+                         f"give another path (an existing file is never overwritten)") from None
+    for key, value in settings.items():
+        if saved["settings"].get(key) != value:
+            raise ValueError(f"--samples_file {path} holds samples made with {key} {saved['settings'].get(key)!r}, "
+                             f"this run has {value!r}; give another path or the same settings")
+    finished = len(saved["images"])
+    # An uninterrupted run's first k images equal a k-image run's when k is whole batches; nothing else is reusable.
+    if num_samples < finished and num_samples % batch_size:
+        raise ValueError(f"--samples_file {path} holds {finished} images; --num_samples {num_samples} can only reuse "
+                         f"them as a multiple of --batch_size {batch_size} (or all {finished})")
+    if num_samples > finished and finished % batch_size:
+        raise ValueError(f"--samples_file {path} holds a finished run of {finished} images; --num_samples must be at "
+                         f"most {finished}, or give another path")
+    return saved
+
+
+def save_samples(path: Path, images: torch.Tensor, generator: torch.Generator, settings: dict, seconds: float,
+                 machine: str) -> None:
+    """Save generated images and the generator state after them, atomically, for `load_samples` to continue from."""
+    metadata = {"format": SAMPLES_FORMAT, "settings": json.dumps(settings, sort_keys=True),
+                "sampling_seconds": repr(seconds), "machine": machine}
+    with atomic_output(path) as staging:
+        save_file({"images": images.contiguous(), "generator_state": generator.get_state()}, staging,
+                  metadata=metadata)
+
+
+class SamplesFile:
+    """A --samples_file: what an earlier run of the same settings saved, and a save after every batch (on_batch)."""
+
+    def __init__(self, path: Path, settings: dict, num_samples: int, batch_size: int, machine: str):
+        self.path, self.settings = path, settings
+        self.saved = load_samples(path, settings, num_samples, batch_size)
+        self.seconds_before = self.saved["seconds"] if self.saved is not None else 0.0
+        previous = self.saved["machine"] if self.saved is not None else machine
+        self.machine = previous if previous == machine else f"{previous} + {machine}"
+        self.started = time.perf_counter()
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> None:
+        seconds = self.seconds_before + time.perf_counter() - self.started
+        save_samples(self.path, images, generator, self.settings, seconds, self.machine)
+
+
+def open_samples_file(args: argparse.Namespace, num_inference_steps: int, device: torch.device) -> SamplesFile:
+    """Get the --samples_file of this run, refusing one made with other settings (before any slow set-up)."""
+    settings = {"model_sha256": pipeline_fingerprint(args.model), "sampler": args.scheduler,
+                "num_inference_steps": num_inference_steps, "seed": args.seed, "batch_size": args.batch_size,
+                "device": device.type}
+    return SamplesFile(Path(args.samples_file), settings, args.num_samples, args.batch_size,
+                       machine_description(device))
+
+
+def generate_for_evaluation(pipe, args: argparse.Namespace, num_inference_steps: int, device: torch.device,
+                            samples_file: Optional[SamplesFile] = None):
+    """Get generated images [N, 1, H, W] and the timing fields of the report, continuing samples_file if given."""
+    from ddpm_fashion.sampling import generate_images
+
+    saved = samples_file.saved if samples_file is not None else None
+    seconds = samples_file.seconds_before if samples_file is not None else 0.0
+    machine = samples_file.machine if samples_file is not None else machine_description(device)
+    if saved is not None and len(saved["images"]) >= args.num_samples:
+        images, generated = saved["images"][:args.num_samples], len(saved["images"])
+    else:
+        if saved is not None:
+            print(f"continuing from {len(saved['images'])} images in {samples_file.path}", file=sys.stderr)
+        resume = (saved["images"], saved["generator_state"]) if saved is not None else None
+        started = time.perf_counter()
+        if samples_file is not None:
+            samples_file.started = started
+        images = generate_images(pipe, args.num_samples, args.batch_size, num_inference_steps, args.seed,
+                                 resume=resume, on_batch=samples_file)
+        seconds += time.perf_counter() - started
+        generated = args.num_samples
+    # Seconds are summed over every run that added to the samples, per image they made.
+    return images, {"sampling_seconds": round(seconds, 2),
+                    "seconds_per_1000_images": round(1000 * seconds / generated, 2), "machine": machine}
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Generate (or take real training) images, score them against the test set, print and save the report."""
-    from ddpm_fashion.sampling import DEFAULT_INFERENCE_STEPS, check_num_inference_steps, generate_images
-    from ddpm_fashion.sampling import load_pipeline, resolve_device
+    from ddpm_fashion.sampling import DEFAULT_INFERENCE_STEPS, check_num_inference_steps, load_pipeline, resolve_device
 
     report_path = check_output_path(args.json, (".json",)) if args.json else None
+    if args.samples_file:
+        if args.model == REAL_TRAIN:
+            raise ValueError(f"--samples_file keeps generated images; --model {REAL_TRAIN} generates none")
+        check_output_path(args.samples_file, (".safetensors",))
     if args.num_samples < MIN_SAMPLES:
         raise ValueError(f"--num_samples must be at least {MIN_SAMPLES}, got {args.num_samples}")
     device = resolve_device(args.device)
@@ -425,15 +537,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if steps is None:
             steps = DEFAULT_INFERENCE_STEPS.get(args.scheduler)  # None: every training timestep
         protocol.update(sampler=args.scheduler, num_inference_steps=check_num_inference_steps(pipe, steps))
+        samples_file = open_samples_file(args, protocol["num_inference_steps"], device) if args.samples_file else None
     # Everything that can fail fast (features, weights, reference data) is set up before minutes of sampling.
     evaluator = Evaluator(args.features, "test", args.data_dir, args.batch_size, args.inception_weights, device)
     if pipe is not None:
-        started = time.perf_counter()
-        images = generate_images(pipe, args.num_samples, args.batch_size, protocol["num_inference_steps"], args.seed)
-        seconds = time.perf_counter() - started
-        protocol.update(sampling_seconds=round(seconds, 2),
-                        seconds_per_1000_images=round(1000 * seconds / args.num_samples, 2),
-                        machine=machine_description(device))
+        images, timing = generate_for_evaluation(pipe, args, protocol["num_inference_steps"], device, samples_file)
+        protocol.update(timing)
     report = {**protocol, **evaluator.evaluate(images)}
     print(format_report(report))
     if report_path:
@@ -466,6 +575,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="images per batch, for sampling and for features")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler, or of the choice of real images")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--samples_file", default=None,
+                        help="keep the generated images in this .safetensors file after every batch; rerunning the "
+                             "same command continues an interrupted run where it stopped, with identical results")
     parser.add_argument("--data_dir", default=None, help="folder with the FashionMNIST IDX .gz files")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto picks CUDA when present")
     parser.set_defaults(func=run_evaluate)

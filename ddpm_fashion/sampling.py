@@ -151,6 +151,8 @@ class StepTimings:
 
 # on_step(batch_index, step_index, timestep, x_t, model_output): called after the U-Net, before scheduler.step.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# on_batch(images_so_far, generator): called after each finished batch, e.g. to save a resumable run.
+BatchCallback = Callable[[torch.Tensor, torch.Generator], None]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -215,21 +217,39 @@ def generate_images(
     seed: int = 0,
     progress: bool = True,
     on_step: Optional[StepCallback] = None,
+    resume: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    on_batch: Optional[BatchCallback] = None,
 ) -> torch.Tensor:
-    """Generate num_images images as float [N, C, H, W] in [0, 1] on the CPU, batch by batch (bounded memory)."""
+    """Generate num_images images as float [N, C, H, W] in [0, 1] on the CPU, batch by batch (bounded memory).
+
+    `resume = (images, generator_state)` continues a run that stopped after whole batches, as `on_batch` saw it, and
+    returns exactly what the uninterrupted run returns; `on_batch(images_so_far, generator)` follows every batch.
+    """
     _check_positive("num_images", num_images)
     _check_positive("batch_size", batch_size)
     num_inference_steps = check_num_inference_steps(pipe, num_inference_steps)
     # One CPU generator for the whole run: the same seed gives the same images on CPU and GPU, and the first batch
     # equals pipe(batch_size=batch_size, generator=torch.Generator().manual_seed(seed)).
     generator = torch.Generator("cpu").manual_seed(seed)
-    batch_sizes = [min(batch_size, num_images - start) for start in range(0, num_images, batch_size)]
     images = []
-    with tqdm(total=len(batch_sizes) * num_inference_steps, desc="sampling", unit="step", disable=not progress) as bar:
-        for batch_index, size in enumerate(batch_sizes):
+    if resume is not None:
+        finished, generator_state = resume
+        if len(finished) % batch_size or len(finished) > num_images:
+            raise ValueError(f"can only resume after whole batches of {batch_size} and at most {num_images} images, "
+                             f"got {len(finished)} finished images")
+        generator.set_state(generator_state)
+        images.append(finished)
+    start = sum(len(batch) for batch in images)
+    batch_sizes = [min(batch_size, num_images - begin) for begin in range(start, num_images, batch_size)]
+    total_steps = (start // batch_size + len(batch_sizes)) * num_inference_steps
+    with tqdm(total=total_steps, initial=start // batch_size * num_inference_steps, desc="sampling", unit="step",
+              disable=not progress) as bar:
+        for batch_index, size in enumerate(batch_sizes, start=start // batch_size):
             noise = initial_noise(pipe, size, generator)
             sample = denoise(pipe, noise, generator, num_inference_steps, bar, on_step, batch_index)
             images.append(to_unit_range(sample))  # only finished batches are kept, on the CPU
+            if on_batch is not None:
+                on_batch(torch.cat(images), generator)
     return torch.cat(images)
 
 

@@ -12,6 +12,16 @@ the same arithmetic is laid out:
 - work that changes nothing is skipped: dividing by a scale factor of 1, dropout with p = 0, and (without
   autograd) a separate output buffer for SiLU.
 
+`unet.reference_mode = True` undoes what changes the rounding: activations take the memory layouts they have in
+UNet2DModel (NCHW until the first attention block, channels-last after it, NCHW again where diffusers switches back
+for batches of 64 and more), upsampling is two steps, attention is diffusers' AttnProcessor2_0 op for op, and
+scale-shift conditioning multiplies and adds in two roundings. The outputs are then bitwise UNet2DModel's on the
+same machine (tests/test_unet.py, every test configuration; the reference model at batch 8 and 64), at
+UNet2DModel's speed. `ddpm-fashion compare` uses it: over hundreds of sampling steps even the ~1e-6 rounding
+differences of another layout grow past 1e-5. One exception, measured: at batch 1 a Linear runs as a matrix-vector
+product whose rounding depends on the weights' memory alignment, which differs between the two loaders, so the time
+embedding can differ in the last bit.
+
 Measured and left out: a matmul-softmax attention (plain, or chunked with a hand-written backward) is 2-3x slower
 than PyTorch's CPU flash kernel at these sizes; a hand-written weight gradient for the one-channel input
 convolution is faster on its own but saves under 1% of a step. benchmarks/unet_speed.py measures the network.
@@ -83,9 +93,9 @@ def fresh_silu(x):
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
-def to_channels_last(tensor):
-    """Get the tensor in NHWC memory order (a no-op when it already is)."""
-    return tensor.contiguous(memory_format=torch.channels_last)
+def memory_format_of(tensor) -> torch.memory_format:
+    """Get the memory order a 4-d activation is laid out in: channels-last (NHWC) or the usual NCHW."""
+    return torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 class TimestepMLP(nn.Module):
@@ -118,6 +128,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         # A 1x1 convolution matches the channel counts of the skip path only where they differ.
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.reference_mode = False  # set by UNet.reference_mode
 
     def forward(self, x, temb_act):
         """Get the block's output; temb_act is SiLU of the timestep embedding, computed once for all blocks."""
@@ -125,14 +136,18 @@ class ResnetBlock(nn.Module):
         time = self.time_emb_proj(temb_act)[:, :, None, None]  # (N, C or 2C, 1, 1)
         if self.time_scale_shift == "scale_shift":
             scale, shift = time.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+            if self.reference_mode:
+                h = self.norm2(h) * (1 + scale) + shift  # UNet2DModel's two roundings
+            else:
+                h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         else:
             h = self.norm2(h + time)
         h = fresh_silu(h)
         if self.dropout > 0 and self.training:
             # CPU dropout draws its mask in memory order. Drawing it in NCHW order keeps it independent of our layout
             # and equal to UNet2DModel's wherever that model's activations are NCHW (everywhere before attention).
-            h = to_channels_last(F.dropout(h.contiguous(), self.dropout, training=True))
+            layout = memory_format_of(h)
+            h = F.dropout(h.contiguous(), self.dropout, training=True).contiguous(memory_format=layout)
         h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
@@ -153,9 +168,12 @@ class AttentionBlock(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only for UNet2DModel's key `to_out.0`
+        self.reference_mode = False  # set by UNet.reference_mode
 
     def forward(self, x):
         """Get x plus attention over its pixels; x is (N, C, H, W), channels-last in memory."""
+        if self.reference_mode:
+            return self._reference_forward(x)
         n, c, height, width = x.shape
         h = self.group_norm(x) if self.group_norm is not None else x
         tokens = h.permute(0, 2, 3, 1).reshape(n, height * width, c)  # (N, HW, C), a view of channels-last memory
@@ -167,6 +185,20 @@ class AttentionBlock(nn.Module):
         attended = self.to_out[0](attended.transpose(1, 2).reshape(n, height * width, c))  # (N, HW, C)
         out = attended.view(n, height, width, c).permute(0, 3, 1, 2) + x  # (N, C, H, W), channels-last again
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+    def _reference_forward(self, x):
+        """UNet2DModel's attention (diffusers' AttnProcessor2_0) op for op, so that it rounds the same."""
+        n, c, height, width = x.shape
+        tokens = x.view(n, c, height * width).transpose(1, 2)  # (N, HW, C), whatever x's layout
+        if self.group_norm is not None:
+            tokens = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2)  # normalised over the (N, C, HW) view
+        head_dim = c // self.heads
+        q, k, v = (projection(tokens).view(n, -1, self.heads, head_dim).transpose(1, 2)
+                   for projection in (self.to_q, self.to_k, self.to_v))  # each (N, heads, HW, head_dim)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = self.to_out[0](attended.transpose(1, 2).reshape(n, -1, c))  # (N, HW, C)
+        out = attended.transpose(-1, -2).reshape(n, c, height, width) + x  # channels-last, as in UNet2DModel
+        return out / self.output_scale_factor
 
 
 class Downsample(nn.Module):
@@ -197,9 +229,14 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
         # Not persistent: the file holds only UNet2DModel's tensors; this constant follows the module's device.
         self.register_buffer("tap_sums", torch.tensor(_UPSAMPLE_TAP_SUMS), persistent=False)
+        self.reference_mode = False  # set by UNet.reference_mode
 
     def forward(self, x):
         """Get x at twice the resolution, equal to conv3x3(nearest_upsample(x))."""
+        if self.reference_mode:  # UNet2DModel's two steps, and its layout switch (diffusers issue 984)
+            if x.shape[0] >= 64 or 2 * x.numel() > 2 ** 31:
+                x = x.contiguous()
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         # Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = source rows i-1, i, i: taps (w0 | w1 + w2);
         # output row 2i+1 reads rows 2i, 2i+1, 2i+2 = source rows i, i, i+1: taps (w0 + w1 | w2). A transposed
         # convolution with stride 2, padding 1 and the 4-tap kernel (w2, w1+w2, w0+w1, w0) computes exactly that.
@@ -334,6 +371,7 @@ class UNet(nn.Module, ConfigMixin):
     ):
         super().__init__()
         check_unet_config(dict(self.config))
+        self._reference_mode = False
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepMLP(block_out_channels[0], time_embed_dim)
@@ -377,6 +415,19 @@ class UNet(nn.Module, ConfigMixin):
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
     @property
+    def reference_mode(self) -> bool:
+        """Whether the network runs UNet2DModel's kernels in UNet2DModel's order (see the module docstring)."""
+        return self._reference_mode
+
+    @reference_mode.setter
+    def reference_mode(self, value: bool) -> None:
+        # Not config: it says how to run, not what the network is, and it changes no result beyond float rounding.
+        self._reference_mode = bool(value)
+        for module in self.modules():
+            if isinstance(module, (ResnetBlock, AttentionBlock, Upsample)):
+                module.reference_mode = self._reference_mode
+
+    @property
     def dtype(self) -> torch.dtype:
         """Get the dtype of the parameters."""
         return self.conv_in.weight.dtype
@@ -399,9 +450,12 @@ class UNet(nn.Module, ConfigMixin):
         # Every resnet block takes SiLU of the embedding; computing it once here is the same arithmetic.
         temb_act = fresh_silu(self.time_embedding(t_emb.to(self.dtype)))
 
-        # A fresh NHWC copy of the (small) input: with one channel .contiguous(channels_last) would keep NCHW strides
-        # and the first convolution, and everything after it, would run NCHW.
-        sample = torch.empty_like(sample, memory_format=torch.channels_last).copy_(sample)
+        if not self.reference_mode:
+            # A fresh NHWC copy of the (small) input: with one channel .contiguous(channels_last) would keep NCHW
+            # strides, and the first convolution, and everything after it, would run NCHW.
+            sample = torch.empty_like(sample, memory_format=torch.channels_last).copy_(sample)
+        else:
+            sample = sample.contiguous()
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:

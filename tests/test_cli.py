@@ -1,6 +1,7 @@
 """The `ddpm-fashion` CLI and the sampling, comparison and figure code behind it, on a tiny random pipeline."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -168,25 +169,39 @@ def test_sample_with_other_schedulers(model_dir, tmp_path, capsys, scheduler):
 
 # ---- compare ---------------------------------------------------------------------------------------------------
 
-def test_compare_reports_identical_images_for_all_four_combinations(model_dir, tmp_path, capsys):
+def test_compare_reports_identical_images_for_all_four_combinations(model_dir, tmp_path, capsys, monkeypatch):
+    own_unets = []
+
+    def load_and_keep_own_unet(*args, **kwargs):
+        pipe = sampling.load_pipeline(*args, **kwargs)
+        if isinstance(pipe.unet, UNet):
+            own_unets.append(pipe.unet)
+        return pipe
+
+    monkeypatch.setattr(compare, "load_pipeline", load_and_keep_own_unet)
     report_path, out = tmp_path / "report.json", tmp_path / "compare.png"
     code, stdout, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 3, "--num_images", 2,
                                     "--seed", 3, "--json", report_path, "--out", out], capsys)
     report = json.loads(report_path.read_text())
-    runs = {(run["unet"], run["scheduler"]): run for run in report["runs"]}
-    assert set(runs) == {("own", "own"), ("own", "diffusers"), ("diffusers", "own"), ("diffusers", "diffusers")}
-    assert runs["diffusers", "diffusers"]["max_abs_diff"] == 0.0
-    assert runs["diffusers", "own"]["max_abs_diff"] == 0.0  # our scheduler is bit-exact
+    runs = {(run["unet"], run["scheduler"], run["mode"]): run for run in report["runs"]}
+    assert list(runs) == [("diffusers", "diffusers", "reference"), ("diffusers", "own", "reference"),
+                          ("own", "diffusers", "reference"), ("own", "own", "reference"), ("own", "own", "fast")]
+    # Our scheduler is bit-exact, and so is our U-Net in reference mode.
+    for combination in [("diffusers", "diffusers"), ("diffusers", "own"), ("own", "diffusers"), ("own", "own")]:
+        assert runs[(*combination, "reference")]["max_abs_diff"] == 0.0
+        assert runs[(*combination, "reference")]["tolerance"] == 1e-5  # the issue's gate
+    assert runs["own", "own", "fast"]["tolerance"] == compare.LAYOUT_TOLERANCE
     for run in report["runs"]:
-        assert run["max_abs_diff"] <= compare.MAX_ABS_DIFF_TOLERANCE, run
+        assert run["max_abs_diff"] <= compare.MAX_ABS_DIFF_TOLERANCE, run  # a tiny model stays under 1e-5 anyway
         assert run["sec_per_step"] > 0 and run["images_per_s"] > 0
         assert run["unet_forward_ms"] > 0 and run["scheduler_step_ms"] > 0
     assert report["settings"]["num_inference_steps"] == 3 and report["settings"]["num_images"] == 2
     assert report["settings"]["seed"] == 3 and report["settings"]["dtype"] == "float32"
+    assert [unet.reference_mode for unet in own_unets] == [True, True, False]
     assert code == 0, stderr
-    assert "max |Δ|" in stdout and stdout.count("\n") >= 5
+    assert "max |Δ|" in stdout and "own (fast)" in stdout and stdout.count("\n") >= 6
     with Image.open(out) as picture:
-        assert picture.format == "PNG" and picture.width > 4 * (2 * (SIZE + 2) + 2)
+        assert picture.format == "PNG" and picture.width > 5 * (2 * (SIZE + 2) + 2)
 
 
 def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys, monkeypatch):
@@ -194,7 +209,7 @@ def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys,
         pipe = sampling.load_pipeline(*args, **kwargs)
         if isinstance(pipe.unet, UNet):
             with torch.no_grad():
-                pipe.unet.conv_out.bias.add_(1e-3)
+                pipe.unet.conv_out.bias.add_(0.1)
         return pipe
 
     monkeypatch.setattr(compare, "load_pipeline", load_with_perturbed_own_unet)
@@ -202,9 +217,22 @@ def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys,
     code, _, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 2, "--num_images", 2,
                                "--json", report_path], capsys)
     assert code == 1
-    assert "FAILED: unet=own scheduler=diffusers, unet=own scheduler=own differ" in stderr
+    assert re.search(r"FAILED: unet=own scheduler=diffusers \([0-9.e-]+ > 1e-05\), unet=own scheduler=own \([0-9.e-]+ "
+                     r"> 1e-05\), unet=own \(fast\) scheduler=own \([0-9.e-]+ > 0.001\) differ", stderr), stderr
     runs = json.loads(report_path.read_text())["runs"]  # the report is still written, to show the difference
-    assert [run["max_abs_diff"] > 1e-4 for run in runs] == [False, False, True, True]
+    assert [run["max_abs_diff"] > compare.LAYOUT_TOLERANCE for run in runs] == [False, False, True, True, True]
+
+
+def test_each_run_is_held_to_its_own_tolerance():
+    def run(mode, max_abs_diff):
+        tolerance = compare.LAYOUT_TOLERANCE if mode == "fast" else compare.MAX_ABS_DIFF_TOLERANCE
+        return {"unet": "own", "scheduler": "own", "mode": mode, "max_abs_diff": max_abs_diff, "tolerance": tolerance}
+
+    report = {"runs": [run("reference", 5e-5), run("fast", 5e-5), run("reference", 5e-6), run("fast", 2e-3),
+                       run("reference", float("nan"))]}
+    failed = compare.mismatched_runs(report)
+    assert [(r["mode"], r["max_abs_diff"]) for r in failed[:2]] == [("reference", 5e-5), ("fast", 2e-3)]
+    assert len(failed) == 3 and math.isnan(failed[2]["max_abs_diff"])
 
 
 # ---- forward ---------------------------------------------------------------------------------------------------

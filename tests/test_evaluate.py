@@ -249,3 +249,116 @@ def test_inception_features_equal_torchmetrics_standard_extractor(tmp_path, monk
     ours = evaluate.InceptionFeatures(str(weights))
     assert ours.num_features == 2048 and "antialias=True" in ours.description
     torch.testing.assert_close(ours(images), library(images.repeat(1, 3, 1, 1)), rtol=0, atol=0)
+
+
+# ---- saved samples: a long sampling run continues where it stopped ---------------------------------------------
+
+def test_generate_images_resumed_after_any_whole_batch_equals_the_uninterrupted_run(tiny_pipeline):
+    from ddpm_fashion.sampling import generate_images, load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline, scheduler="own", device="cpu")
+    uninterrupted = generate_images(pipe, 10, batch_size=4, num_inference_steps=3, seed=3, progress=False)
+    snapshots = []
+    generate_images(pipe, 10, batch_size=4, num_inference_steps=3, seed=3, progress=False,
+                    on_batch=lambda images, generator: snapshots.append((images.clone(), generator.get_state())))
+    assert [len(images) for images, _ in snapshots] == [4, 8, 10]
+    assert torch.equal(snapshots[-1][0], uninterrupted)
+    for snapshot in snapshots[:2]:
+        resumed = generate_images(pipe, 10, batch_size=4, num_inference_steps=3, seed=3, progress=False,
+                                  resume=snapshot)
+        assert torch.equal(resumed, uninterrupted)
+    with pytest.raises(ValueError, match="whole batches"):  # 10 images are not whole batches of 4
+        generate_images(pipe, 12, batch_size=4, num_inference_steps=3, seed=3, progress=False, resume=snapshots[-1])
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C or a kill right after a batch was saved."""
+
+
+def test_evaluate_samples_file_continues_an_interrupted_run_with_identical_results(
+        tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ddpm_fashion import sampling
+
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    common = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10,
+              "--data_dir", real_data_dir, "--device", "cpu"]
+    samples = tmp_path / "samples.safetensors"
+    save_samples = evaluate.save_samples
+
+    def save_then_stop(*args, **kwargs):
+        save_samples(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(evaluate, "save_samples", save_then_stop)
+    with pytest.raises(Interrupted):
+        main([str(arg) for arg in common + ["--num_samples", 30, "--samples_file", samples,
+                                            "--json", tmp_path / "resumed.json"]])
+    monkeypatch.setattr(evaluate, "save_samples", save_samples)
+    assert len(load_file(samples)["images"]) == 10 and not (tmp_path / "resumed.json").exists()
+    capsys.readouterr()
+
+    code, _, err = run_cli(common + ["--num_samples", 30, "--samples_file", samples, "--json", tmp_path / "resumed.json"],
+                           capsys)
+    assert code == 0, err
+    assert "continuing from 10 images" in err
+    code, _, err = run_cli(common + ["--num_samples", 30, "--json", tmp_path / "whole.json"], capsys)
+    assert code == 0, err
+    resumed, whole = (json.loads((tmp_path / name).read_text()) for name in ("resumed.json", "whole.json"))
+    for key in ("fid", "precision", "recall", "class_histogram", "num_samples"):
+        assert resumed[key] == whole[key], key
+    assert len(load_file(samples)["images"]) == 30
+    assert resumed["sampling_seconds"] > 0 and resumed["seconds_per_1000_images"] > 0
+
+    # A finished file serves a shorter run of whole batches without sampling anything.
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although the samples file holds the images")
+
+    code, _, err = run_cli(common + ["--num_samples", 20, "--json", tmp_path / "twenty.json"], capsys)
+    assert code == 0, err
+    monkeypatch.setattr(sampling, "generate_images", no_sampling)
+    code, _, err = run_cli(common + ["--num_samples", 20, "--samples_file", samples, "--json", tmp_path / "prefix.json"],
+                           capsys)
+    assert code == 0, err
+    prefix, twenty = (json.loads((tmp_path / name).read_text()) for name in ("prefix.json", "twenty.json"))
+    assert prefix["fid"] == twenty["fid"] and prefix["num_samples"] == 20
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--seed", 1], "made with seed 0, this run has 1"),
+    (["--num_inference_steps", 3], "made with num_inference_steps 2, this run has 3"),
+    (["--num_samples", 15], "multiple of --batch_size 10"),
+    (["--model", "real-train"], "generates none"),
+    (["--samples_file", "samples.npz"], "must end in one of: .safetensors"),
+])
+def test_evaluate_refuses_a_samples_file_of_other_settings_and_leaves_it_alone(
+        change, message, tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10, "--num_samples", 20,
+            "--samples_file", "samples.safetensors", "--data_dir", real_data_dir, "--device", "cpu"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    before = (tmp_path / "samples.safetensors").read_bytes()
+    changed = list(argv)
+    flag, value = change
+    if flag in changed:
+        changed[changed.index(flag) + 1] = value
+    else:
+        changed += [flag, value]
+    code, _, err = run_cli(changed + ["--json", "report.json"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ddpm-fashion evaluate: error:")
+    assert (tmp_path / "samples.safetensors").read_bytes() == before and not (tmp_path / "report.json").exists()
+
+
+def test_evaluate_refuses_a_file_that_is_not_its_samples_and_never_overwrites_it(
+        tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    precious = tmp_path / "weights.safetensors"
+    precious.write_bytes(b"the user's own file")
+    code, _, err = run_cli(["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--num_samples", 10,
+                            "--samples_file", precious, "--data_dir", real_data_dir, "--device", "cpu"], capsys)
+    assert code == 2 and "is not a samples file" in err and len(err.strip().splitlines()) == 1, err
+    assert precious.read_bytes() == b"the user's own file"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from ddpm_fashion.unet import WEIGHTS_NAME, UNet, Upsample, load_strict
+from ddpm_fashion.unet import WEIGHTS_NAME, AttentionBlock, ResnetBlock, UNet, Upsample, load_strict
 
 OUTPUT_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -224,6 +224,22 @@ def test_input_memory_layout_does_not_change_the_output_and_output_is_nchw():
         strided = ours(sample.transpose(2, 3).contiguous().transpose(2, 3), 10).sample
     assert plain.is_contiguous() and channels_last.is_contiguous()
     assert torch.equal(channels_last, plain) and torch.equal(strided, plain)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_reference_mode_is_bitwise_unet2dmodel(name):
+    config = CONFIGS[name]
+    reference, ours = model_pair(config)
+    ours.reference_mode = True
+    assert all(module.reference_mode for module in ours.modules() if isinstance(module, (ResnetBlock, AttentionBlock, Upsample)))
+    with torch.no_grad():
+        for batch_size, timesteps in ((2, (0, 417, 999)), (64, (417,))):  # from 64 on, diffusers' upsampler
+            sample = sample_for(config, batch_size=batch_size)             # switches layout
+            for timestep in timesteps:
+                expected = reference(sample, timestep).sample
+                assert torch.equal(ours(sample, timestep).sample, expected), (batch_size, timestep)
+    ours.reference_mode = False
+    assert not any(module.reference_mode for module in ours.modules() if isinstance(module, (ResnetBlock, AttentionBlock, Upsample)))
 
 
 def test_conversion_round_trip_is_exact_and_carries_dtype_and_mode():
