@@ -490,3 +490,23 @@ def test_speed_benchmark_runs_and_checks_identical_results(capsys):
     differences = [float(x) for x in re.findall(r"rel\. diff ([0-9.e+-]+)", printed)]
     assert len(differences) == 2 and max(differences) < 1e-5
     assert printed.count("x\n") == 8  # three training rows and one inference row, wall clock and CPU time
+
+
+def test_drift_benchmark_shows_reference_mode_at_zero(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    reference, _ = model_pair(CONFIGS["project_cpu"])
+    reference.save_pretrained(tmp_path / "unet")  # the benchmark reads a pipeline folder's unet/
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "unet_drift.py"
+    spec = importlib.util.spec_from_file_location("unet_drift", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(sys, "argv", ["unet_drift.py", "--model", str(tmp_path), "--batch_size", "2"])
+    benchmark.main()
+    rows = {line.split("[")[0].strip(): [float(x) for x in line.split("[")[1].rstrip("]").split(",")]
+            for line in capsys.readouterr().out.splitlines() if "[" in line}
+    assert rows["ours, reference_mode=True"] == [0.0, 0.0, 0.0]
+    assert 0 < max(rows["ours (fused upsampler)"]) < 1e-4  # the fast layout rounds differently, by little
+    assert len(rows) == 4
