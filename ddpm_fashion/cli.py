@@ -210,3 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as error:  # FileNotFoundError and PermissionError are OSErrors
         print(f"{PROG} {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; outputs are only ever replaced whole
+        hint = "; rerun the same command to continue from --samples_file" if getattr(args, "samples_file", None) else ""
+        print(f"\n{PROG} {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT

@@ -359,6 +359,17 @@ def test_bad_compare_steps_write_nothing(model_dir, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_ctrl_c_is_one_line_and_exit_130_with_nothing_half_written(model_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "generate_images", interrupted)
+    code, _, stderr = run_cli(["sample", "--model", model_dir, "--num_inference_steps", 2, "--out",
+                               tmp_path / "grid.png"], capsys)
+    assert code == 130 and stderr.strip() == "ddpm-fashion sample: interrupted"
+    assert os.listdir(tmp_path) == []
+
+
 # ---- entry points ----------------------------------------------------------------------------------------------
 
 def test_python_m_ddpm_fashion_runs_the_cli(model_dir, tmp_path):

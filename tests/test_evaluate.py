@@ -271,10 +271,6 @@ def test_generate_images_resumed_after_any_whole_batch_equals_the_uninterrupted_
         generate_images(pipe, 12, batch_size=4, num_inference_steps=3, seed=3, progress=False, resume=snapshots[-1])
 
 
-class Interrupted(Exception):
-    """Stands in for Ctrl-C or a kill right after a batch was saved."""
-
-
 def test_evaluate_samples_file_continues_an_interrupted_run_with_identical_results(
         tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
@@ -289,15 +285,15 @@ def test_evaluate_samples_file_continues_an_interrupted_run_with_identical_resul
 
     def save_then_stop(*args, **kwargs):
         save_samples(*args, **kwargs)
-        raise Interrupted
+        raise KeyboardInterrupt  # Ctrl-C right after the first batch was saved
 
     monkeypatch.setattr(evaluate, "save_samples", save_then_stop)
-    with pytest.raises(Interrupted):
-        main([str(arg) for arg in common + ["--num_samples", 30, "--samples_file", samples,
-                                            "--json", tmp_path / "resumed.json"]])
+    code, _, err = run_cli(common + ["--num_samples", 30, "--samples_file", samples, "--json", tmp_path / "resumed.json"],
+                           capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == ("ddpm-fashion evaluate: interrupted; rerun the same "
+                                                            "command to continue from --samples_file")
     monkeypatch.setattr(evaluate, "save_samples", save_samples)
     assert len(load_file(samples)["images"]) == 10 and not (tmp_path / "resumed.json").exists()
-    capsys.readouterr()
 
     code, _, err = run_cli(common + ["--num_samples", 30, "--samples_file", samples, "--json", tmp_path / "resumed.json"],
                            capsys)
