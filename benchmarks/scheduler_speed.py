@@ -1,6 +1,6 @@
 """Time one DDPMScheduler.step(): ours against diffusers', and against one U-Net forward, in the same run.
 
-    python benchmarks/scheduler_speed.py [--batch-size 64] [--rounds 7] [--steps-per-round 100]
+    python benchmarks/scheduler_speed.py [--batch_size 64] [--rounds 7] [--steps_per_round 100]
 
 The U-Net is diffusers' UNet2DModel with the architecture of configs/cpu.yaml (the model a CPU trains), so the
 last line says what share of a sampling step the scheduler costs. Rounds alternate ours and diffusers' so that
@@ -43,10 +43,10 @@ def seconds_per_forward(unet, sample, repeats: int) -> float:
 def main() -> None:
     """Print seconds per step() for both schedulers, their ratio, and step() as a share of a U-Net forward."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps-per-round", type=int, default=100)
-    parser.add_argument("--unet-repeats", type=int, default=5)
+    parser.add_argument("--steps_per_round", "--steps-per-round", type=int, default=100)
+    parser.add_argument("--unet_repeats", "--unet-repeats", type=int, default=5)
     args = parser.parse_args()
 
     shape = (args.batch_size, 1, 32, 32)

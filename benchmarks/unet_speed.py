@@ -1,6 +1,6 @@
 """U-Net throughput: our UNet against diffusers' UNet2DModel holding the same weights, in one process.
 
-    python benchmarks/unet_speed.py [--config configs/cpu.yaml] [--rounds 9] [--batch-size 64] [--threads 2]
+    python benchmarks/unet_speed.py [--config configs/cpu.yaml] [--rounds 9] [--batch_size 64] [--threads 2]
                                     [--device cpu|cuda] [--precision fp32|bf16] [--compile]
 
 Always measures the issue's configuration ((32, 64, 128), one resnet per level, attention at 16x16, GroupNorm 8
@@ -250,12 +250,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", default=[], help="training YAML whose `unet:` to add")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--compile", action="store_true", help="compare torch.compile'd networks")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip_memory", "--skip-memory", action="store_true")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
