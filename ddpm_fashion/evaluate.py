@@ -473,7 +473,12 @@ class SamplesFile:
         self.seconds_before = self.saved["seconds"] if self.saved is not None else 0.0
         previous = self.saved["machine"] if self.saved is not None else machine
         self.machine = previous if previous == machine else f"{previous} + {machine}"
+        self.start_clock()
+
+    def start_clock(self) -> float:
+        """Start timing this run's sampling (not its set-up) and return the start time."""
         self.started = time.perf_counter()
+        return self.started
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> None:
         seconds = self.seconds_before + time.perf_counter() - self.started
@@ -503,9 +508,7 @@ def generate_for_evaluation(pipe, args: argparse.Namespace, num_inference_steps:
         if saved is not None:
             print(f"continuing from {len(saved['images'])} images in {samples_file.path}", file=sys.stderr)
         resume = (saved["images"], saved["generator_state"]) if saved is not None else None
-        started = time.perf_counter()
-        if samples_file is not None:
-            samples_file.started = started
+        started = samples_file.start_clock() if samples_file is not None else time.perf_counter()
         images = generate_images(pipe, args.num_samples, args.batch_size, num_inference_steps, args.seed,
                                  resume=resume, on_batch=samples_file)
         seconds += time.perf_counter() - started
