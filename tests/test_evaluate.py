@@ -358,3 +358,26 @@ def test_evaluate_refuses_a_file_that_is_not_its_samples_and_never_overwrites_it
                             "--samples_file", precious, "--data_dir", real_data_dir, "--device", "cpu"], capsys)
     assert code == 2 and "is not a samples file" in err and len(err.strip().splitlines()) == 1, err
     assert precious.read_bytes() == b"the user's own file"
+
+
+def test_fid_scale_benchmark_orders_each_degradation_ladder(tmp_path, real_data_dir, reference_cache, monkeypatch,
+                                                            capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fid_scale.py"
+    spec = importlib.util.spec_from_file_location("fid_scale", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(sys, "argv", ["fid_scale.py", "--num_samples", "500", "--data_dir", real_data_dir,
+                                      "--json", str(tmp_path / "scale.json")])
+    benchmark.main()
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert len(rows) == 1 + len(benchmark.NOISE_SIGMAS) + len(benchmark.BLUR_SIGMAS)
+    assert rows[0]["times_floor"] == 1.0 and rows[0]["fid"] < 0.5
+    for prefix in ("+ pixel noise", "blur"):
+        fids = [rows[0]["fid"]] + [row["fid"] for row in rows if row["images"].startswith(prefix)]
+        assert all(lower < higher for lower, higher in zip(fids, fids[1:])), (prefix, fids)
+    assert "x floor" in capsys.readouterr().out
