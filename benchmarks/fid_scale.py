@@ -50,10 +50,10 @@ def main():
     for name, variant in degradations(images, args.seed).items():
         report = evaluator.evaluate(variant)
         floor = report["fid"] if floor is None else floor
-        rows.append({"images": name, "fid": report["fid"], "times_floor": report["fid"] / floor,
-                     "precision": report["precision"], "recall": report["recall"],
-                     "class_kl_from_uniform": report["class_kl_from_uniform"]})
-        row = rows[-1]
+        row = {"images": name, "fid": report["fid"], "times_floor": report["fid"] / floor,
+               "precision": report["precision"], "recall": report["recall"],
+               "class_kl_from_uniform": report["class_kl_from_uniform"]}
+        rows.append(row)
         print(f"{name:34} {row['fid']:8.3f} {row['times_floor']:8.1f} {row['precision']:9.3f} {row['recall']:7.3f} "
               f"{row['class_kl_from_uniform']:9.4f}")
     if args.json:

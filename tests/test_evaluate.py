@@ -10,6 +10,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from torchvision.transforms.functional import gaussian_blur
 
+from conftest import load_benchmark
 from ddpm_fashion import evaluate
 from ddpm_fashion.cli import main
 from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
@@ -362,15 +363,10 @@ def test_evaluate_refuses_a_file_that_is_not_its_samples_and_never_overwrites_it
 
 def test_fid_scale_benchmark_orders_each_degradation_ladder(tmp_path, real_data_dir, reference_cache, monkeypatch,
                                                             capsys):
-    import importlib.util
     import sys
-    from pathlib import Path
 
     monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fid_scale.py"
-    spec = importlib.util.spec_from_file_location("fid_scale", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("fid_scale")
     monkeypatch.setattr(sys, "argv", ["fid_scale.py", "--num_samples", "500", "--data_dir", real_data_dir,
                                       "--json", str(tmp_path / "scale.json")])
     benchmark.main()

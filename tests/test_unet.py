@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from conftest import load_benchmark
 from ddpm_fashion.unet import WEIGHTS_NAME, AttentionBlock, ResnetBlock, UNet, Upsample, load_strict
 
 OUTPUT_RTOL = 1e-5
@@ -477,13 +478,8 @@ def test_ddpm_pipeline_runs_with_our_unet_and_matches_diffusers_unet():
 
 def test_speed_benchmark_runs_and_checks_identical_results(capsys):
     import argparse
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "unet_speed.py"
-    spec = importlib.util.spec_from_file_location("unet_speed", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("unet_speed")
     args = argparse.Namespace(rounds=1, batch_size=2, precision="fp32", compile=False, skip_memory=True)
     benchmark.report("tiny", CONFIGS["project_cpu"], args, torch.device("cpu"))
     printed = capsys.readouterr().out
@@ -493,16 +489,11 @@ def test_speed_benchmark_runs_and_checks_identical_results(capsys):
 
 
 def test_drift_benchmark_shows_reference_mode_at_zero(tmp_path, capsys, monkeypatch):
-    import importlib.util
     import sys
-    from pathlib import Path
 
     reference, _ = model_pair(CONFIGS["project_cpu"])
     reference.save_pretrained(tmp_path / "unet")  # the benchmark reads a pipeline folder's unet/
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "unet_drift.py"
-    spec = importlib.util.spec_from_file_location("unet_drift", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("unet_drift")
     monkeypatch.setattr(sys, "argv", ["unet_drift.py", "--model", str(tmp_path), "--batch_size", "2"])
     benchmark.main()
     rows = {line.split("[")[0].strip(): [float(x) for x in line.split("[")[1].rstrip("]").split(",")]
