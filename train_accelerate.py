@@ -4,19 +4,22 @@
 
 Also runs under `torchrun --nproc_per_node N` and plain `python`. The config says what to train
 (ddpm_fashion/config.py); the launcher says how to run it (processes, GPUs, mixed precision backend).
+The run folder's rules (marker, lock, manifests, what may be replaced) live in ddpm_fashion/run_dir.py.
 """
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -26,19 +29,25 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ddpm_fashion import run_dir
-from ddpm_fashion.config import config_to_yaml, parse_config
+from ddpm_fashion.checks import one_line
+from ddpm_fashion.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
+from ddpm_fashion.files import FolderLock, folder_size, free_bytes, is_disk_full, move_files_into, remove_stale_staging
+from ddpm_fashion.files import scratch_folder, staging_path
 from ddpm_fashion.model_card import plot_loss, write_model_card
+from ddpm_fashion.resources import check_memory, configure_threads, estimate_unet_bytes, is_out_of_memory
 from ddpm_fashion.scheduler import DDPMScheduler
 from ddpm_fashion.unet import UNet
 
-TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+
+
+class DiskFull(OSError):
+    """The file system ran out of space while the run was saving; the message says where and how much."""
 
 
 def build_models(config):
     """The U-Net and noise scheduler; both U-Net implementations start from the same UNet2DModel weights."""
-    UNet(**config.unet)  # validates the config with one-line errors before any weights are made
     shape = {k: config.unet.get(k) for k in ("sample_size", "in_channels", "out_channels")}
     if shape != {"sample_size": 32, "in_channels": 1, "out_channels": 1}:
         raise ValueError(f"unet {shape} does not fit the data: FashionMNIST is padded to 32x32 with 1 channel, "
@@ -55,7 +64,7 @@ def build_models(config):
 
 
 def make_optimizer(config, model, device):
-    """AdamW, fused where this torch supports it for the device (it was the fastest update measured)."""
+    """AdamW; the fused kernel on CPU and CUDA (the fastest update measured), the per-tensor loop elsewhere."""
     return torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                              betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                              eps=config.adam_epsilon, fused=device.type in ("cpu", "cuda"))
@@ -121,74 +130,234 @@ def log_samples(accelerator, images, step):
             tracker.log({"samples": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)
 
 
-def save_checkpoint(accelerator, config, step, ema, sampler, lr_scheduler, losses):
-    """accelerator.save_state plus our trainer state, written under a temporary name and renamed when complete."""
-    final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step}"
-    staging = final.with_name(run_dir.STAGING_PREFIX + final.name)
-    accelerator.save_state(str(staging), safe_serialization=True)
+# ------------------------------------------------------------------------------------------------------------
+# The run folder: checks before anything is written, the lock, checkpoints and the published pipeline
+# ------------------------------------------------------------------------------------------------------------
+
+def check_resume(config, resume_path):
+    """Refuse a checkpoint whose model, batch order or diffusion differ from this config (before any write)."""
+    saved = run_dir.read_checkpoint_config(resume_path)
+    differences = resume_differences(saved, config)
+    if differences:
+        raise ValueError(f"cannot resume from {resume_path}: it was trained with other values of keys a run must keep "
+                         f"({'; '.join(differences)}); drop those overrides, or start a new output_dir")
+
+
+def check_batch_sizes(config, num_images, world_size):
+    """Refuse a global batch larger than the data (it would count images that were never seen)."""
+    global_batch = config.train_batch_size * world_size
+    if global_batch > num_images:
+        raise ValueError(f"train_batch_size {config.train_batch_size} x {world_size} process(es) = {global_batch} is "
+                         f"more than the {num_images} training images; use at most {num_images // world_size}")
+
+
+def share_outcome(accelerator, error):
+    """Raise on every process the error (a message or None) that the main process met."""
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ValueError(error)
+
+
+def open_run_folder(accelerator, config, checkpoints_seen, damaged):
+    """Main process: lock output_dir (creating it), check nothing changed since the checks, mark it as ours.
+
+    Damaged checkpoints that `latest` skipped are renamed aside (never deleted), so new ones can take their step.
+    Returns the held FolderLock (None on other processes). Until here nothing in output_dir was written.
+    """
+    lock, error, output_dir = None, None, Path(config.output_dir)
     if accelerator.is_main_process:
-        (staging / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
-        state = {"global_step": step, "sampler": sampler.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                 "losses": losses}
-        if ema is not None:
-            save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, staging / EMA_WEIGHTS)
-            state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        (staging / TRAINER_STATE).write_text(json.dumps(state))
-        staging.rename(final)
-        run_dir.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+        created = not output_dir.exists()
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(output_dir, f"output_dir {output_dir}").acquire()
+            if run_dir.checkpoint_dirs(output_dir) != checkpoints_seen:
+                raise ValueError(f"output_dir {output_dir} changed while this run started (another run wrote "
+                                 "checkpoints); start again")
+        except ValueError as refused:
+            error = one_line(refused)
+            if lock is not None:
+                lock.release()
+            if created:
+                shutil.rmtree(output_dir, ignore_errors=True)
+    share_outcome(accelerator, error)
+    if accelerator.is_main_process:
+        run_dir.mark_as_run(output_dir)
+        (output_dir / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
+        remove_stale_staging(output_dir)  # a pipeline a killed run was writing
+        remove_stale_staging(output_dir / run_dir.CHECKPOINTS)
+        for checkpoint, reason in damaged:
+            os.replace(checkpoint, run_dir.set_aside_name(checkpoint, "damaged"))
+            print(f"skipped {checkpoint} ({reason}); kept as {run_dir.set_aside_name(checkpoint, 'damaged').name}",
+                  file=sys.stderr)
+    return lock
+
+
+@contextmanager
+def writing(path, space_needed):
+    """Turn running out of disk space inside the block into DiskFull naming the path and the space needed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not is_disk_full(error) and "No space left" not in str(error):
+            raise
+        raise DiskFull(f"no space left on the device while writing {path}: it needs about {space_needed / 1e6:.0f} "
+                       f"MB, {free_bytes(path) / 1e6:.0f} MB are free; nothing older was removed") from None
+
+
+def checkpoint_bytes(config, model, ema):
+    """Estimate a checkpoint's size: the newest one's, or weights + two Adam moments (+ EMA) before the first."""
+    found = run_dir.checkpoint_dirs(config.output_dir)
+    if found:
+        return folder_size(found[-1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights * (3 + (ema is not None))
+
+
+def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler, progress):
+    """accelerator.save_state plus our trainer state, written under a temporary name and renamed when complete.
+
+    Every process writes its part (its RNG state) into the staging folder; the main process renames it only after
+    all have finished, then prunes old checkpoints, then all go on.
+    """
+    final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step}"
+    staging = staging_path(final)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"the weights became non-finite at step {step}; not saving them. "
+                                 f"{run_dir.describe_checkpoints(config.output_dir)}")
+    with writing(staging, checkpoint_bytes(config, model, ema)), \
+            scratch_folder(staging) if accelerator.is_main_process else nullcontext():
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+        accelerator.save_state(str(staging), safe_serialization=True)
+        accelerator.wait_for_everyone()  # no rename while another process still writes its part
+        if accelerator.is_main_process:
+            (staging / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
+            state = {"global_step": step, "sampler": sampler.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     **progress}
+            if ema is not None:
+                save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, staging / EMA_WEIGHTS)
+                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            (staging / run_dir.TRAINER_STATE).write_text(json.dumps(state))
+            run_dir.write_manifest(staging)
+            os.replace(staging, final)
+            run_dir.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator, path, ema, sampler, lr_scheduler):
-    """Restore model, optimizer and RNG (Accelerate) and our trainer state; returns (step, losses)."""
-    accelerator.load_state(str(path))
-    state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    """Restore model, optimizer and RNG (Accelerate) and our trainer state; returns (step, progress)."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # a readable message beats a library traceback; the manifest passed, so say what
+        raise ValueError(f"checkpoint {path} does not load into this run: {one_line(error)[:300]}") from None
+    state = json.loads((Path(path) / run_dir.TRAINER_STATE).read_text())
     sampler.load_state_dict(state["sampler"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         shadow = load_file(Path(path) / EMA_WEIGHTS)
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
         ema.to(accelerator.device)
-    return state["global_step"], state["losses"]
+    step = state["global_step"]
+    # Runs from before images were counted had only full batches of the configured size.
+    images = state.get("images_seen", step * sampler.global_batch_size * accelerator.gradient_accumulation_steps)
+    return step, {"losses": state["losses"], "images_seen": images}
 
 
-def publish_pipeline(accelerator, config, model, noise_scheduler, ema, losses, images_seen, wall_time):
-    """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and swap it into output_dir."""
+def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time):
+    """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and move it into output_dir."""
     output_dir = Path(config.output_dir)
     with ema_weights(accelerator.unwrap_model(model), ema) as final_model, \
-            run_dir.staged_dir(output_dir / "pipeline") as staging:
+            writing(output_dir, 2 * sum(p.numel() * p.element_size() for p in final_model.parameters())), \
+            scratch_folder(staging_path(output_dir / "pipeline")) as folder:
         unet = final_model.to_diffusers() if isinstance(final_model, UNet) else final_model
         pipeline = DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler.from_config(noise_scheduler.config))
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        pipeline.save_pretrained(folder, safe_serialization=True)
         samples = sample_images(config, final_model, noise_scheduler, config.eval_batch_size, config.seed)
-        save_image(samples, staging / "samples.png", nrow=int(math.sqrt(len(samples))) or 1, padding=1)
-        plot_loss(staging / "loss.png", losses)
-        write_model_card(staging / "README.md", config=config, config_yaml=config_to_yaml(config),
-                         steps=len(losses), images_seen=images_seen, losses=losses, wall_time=wall_time,
-                         world_size=accelerator.num_processes)
-    run_dir.publish(output_dir / "pipeline", output_dir)
+        save_image(samples, folder / "samples.png", nrow=int(math.sqrt(len(samples))) or 1, padding=1)
+        plot_loss(folder / "loss.png", progress["losses"])
+        write_model_card(folder / "README.md", config=config, config_yaml=config_to_yaml(config),
+                         steps=len(progress["losses"]), images_seen=progress["images_seen"],
+                         losses=progress["losses"], wall_time=wall_time, world_size=accelerator.num_processes)
+        move_files_into(folder, output_dir)  # replaces only the files it publishes
+
+
+def stop_diverged(accelerator, config, step, loss):
+    """Stop on a non-finite loss: set aside the checkpoint whose weights produced it, and say what is left."""
+    suspect = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step - 1}"
+    moved = ""
+    if accelerator.is_main_process and suspect.is_dir():
+        kept = run_dir.set_aside_name(suspect, "diverged")
+        os.replace(suspect, kept)
+        moved = f"{suspect.name}, whose weights produced it, is kept as {kept.name}; "
+    raise FloatingPointError(f"loss became {loss} at step {step}; {moved}{run_dir.describe_checkpoints(config.output_dir)}"
+                             " (with a lower --learning_rate)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------
+
+def training_step(config, accelerator, model, optimizer, noise_scheduler, images, batch, micro_step):
+    """One micro-step (forward, backward, clipped update under accumulation); returns the global batch's loss sum."""
+    device = accelerator.device
+    with accelerator.accumulate(model):
+        noise, timesteps, flips = global_batch_randomness(config, micro_step, batch.global_size,
+                                                          config.ddpm_num_steps, device)
+        part = slice(batch.start, batch.start + len(batch.indices))  # this process's share
+        noise, timesteps = noise[part], timesteps[part]
+        clean = to_model_input(images[batch.indices], flip=flips[part] if config.random_flip else None)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # q(x_t | x_0), eq. (4)
+        target = training_target(config, noise_scheduler, clean, noise, timesteps)
+        prediction = model(noisy, timesteps).sample
+        # Sum over this process's samples / global batch: averaged across processes this is the mean over the
+        # global batch even when the last batch splits unevenly.
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        accelerator.backward(per_sample.sum() / batch.global_size * accelerator.num_processes)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(per_sample.detach().sum(), "sum").item()
 
 
 def train(config):
-    """Validate everything, then run the training loop and publish the pipeline."""
+    """Check everything, then run the training loop and publish the pipeline."""
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
+    # Every check reads only; nothing in output_dir is written until all have passed (open_run_folder).
     run_dir.check_output_dir(config.output_dir, resuming=config.resume_from_checkpoint is not None)
-    resume_path = run_dir.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    checkpoints_seen = run_dir.checkpoint_dirs(config.output_dir)
+    resume_path, skipped = run_dir.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if resume_path is not None:
+        check_resume(config, resume_path)
     model, noise_scheduler = build_models(config)
     images, _ = load_fashion_mnist("train", config.data_dir)
-
+    threads, why = configure_threads()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.logger == "none" else config.logger,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"))
+    check_batch_sizes(config, len(images), accelerator.num_processes)
+    check_memory(estimate_unet_bytes(config.unet, config.train_batch_size, training=True), accelerator.device,
+                 f"a training step of train_batch_size {config.train_batch_size}", "--train_batch_size")
+    check_memory(estimate_unet_bytes(config.unet, config.eval_batch_size), accelerator.device,
+                 f"a sample grid of eval_batch_size {config.eval_batch_size}", "--eval_batch_size")
+    lock = open_run_folder(accelerator, config, checkpoints_seen, skipped)
+    try:
+        run_training(config, accelerator, model, noise_scheduler, images, resume_path, (threads, why))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(config, accelerator, model, noise_scheduler, images, resume_path, threads):
+    """The training loop proper, in a run folder that is checked, locked and ours."""
     device = accelerator.device
     images = images.to(device)  # the whole split lives on the device: a batch is one indexing op
     sampler = ShardedBatchSampler(len(images), config.train_batch_size, seed=config.seed,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
     max_train_steps = config.max_train_steps or math.ceil(
         config.num_epochs * len(sampler) / config.gradient_accumulation_steps)
-
     optimizer = make_optimizer(config, model, device)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps)
@@ -199,112 +368,117 @@ def train(config):
         ema = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
                        inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
         ema.to(device)
-
     if accelerator.is_main_process:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
-        run_dir.remove_stale_staging(Path(config.output_dir) / run_dir.CHECKPOINTS)
-        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                          for k, v in vars(config).items()}
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("ddpm_fashion", config=tracker_config)
-    accelerator.wait_for_everyone()
 
-    global_step, losses = 0, []
+    global_step, progress = 0, {"losses": [], "images_seen": 0}
     if resume_path is not None:
-        global_step, losses = load_checkpoint(accelerator, resume_path, ema, sampler, lr_scheduler)
+        global_step, progress = load_checkpoint(accelerator, resume_path, ema, sampler, lr_scheduler)
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print("no checkpoint found in output_dir; starting a new run")
+    accelerator.print(f"training to step {max_train_steps} with {accelerator.num_processes} process(es) on "
+                      f"{device.type}, {threads[0]} torch threads per process ({threads[1]}), mixed precision "
+                      f"{config.mixed_precision}; output_dir {config.output_dir}")
 
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc="train", unit="step", dynamic_ncols=True)
-    start_time, start_step, step_loss = time.time(), global_step, 0.0
-    micro_step = global_step * config.gradient_accumulation_steps
-    model.train()
-    while global_step < max_train_steps:
-        for batch in sampler:
-            with accelerator.accumulate(model):
-                noise, timesteps, flips = global_batch_randomness(
-                    config, micro_step, batch.global_size, config.ddpm_num_steps, device)
-                part = slice(batch.start, batch.start + len(batch.indices))  # this process's share
-                noise, timesteps = noise[part], timesteps[part]
-                clean = to_model_input(images[batch.indices], flip=flips[part] if config.random_flip else None)
-                noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # q(x_t | x_0), eq. (4)
-                target = training_target(config, noise_scheduler, clean, noise, timesteps)
-                prediction = model(noisy, timesteps).sample
-                # Sum over this process's samples / global batch: averaged across processes this is the
-                # mean over the global batch even when the last batch splits unevenly.
-                per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = per_sample.sum() / batch.global_size * accelerator.num_processes
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            step_loss += accelerator.reduce(per_sample.detach().sum(), "sum").item() / batch.global_size
-            if not accelerator.sync_gradients:
-                continue
-
-            global_step += 1
-            step_loss /= config.gradient_accumulation_steps
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss became {step_loss} at step {global_step}; the last good "
-                                         f"checkpoint is kept in {Path(config.output_dir) / run_dir.CHECKPOINTS}")
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(model.parameters())
-            losses.append(step_loss)
-            images_per_s = (global_step - start_step) * config.train_batch_size * accelerator.num_processes \
-                * config.gradient_accumulation_steps / (time.time() - start_time)
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "img_per_s": images_per_s}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            accelerator.log(logs, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_s:.0f}")
-            step_loss = 0.0
-
-            if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
-                save_checkpoint(accelerator, config, global_step, ema, sampler, lr_scheduler, losses)
-            end_of_epoch = sampler.position == len(sampler)
-            sample_now = (global_step % config.save_images_steps == 0) if config.save_images_steps else (
-                end_of_epoch and (sampler.epoch + 1) % config.save_images_epochs == 0)
-            if sample_now and accelerator.is_main_process:
-                with ema_weights(accelerator.unwrap_model(model), ema) as sampling_model:
-                    grid = sample_images(config, sampling_model, noise_scheduler, config.eval_batch_size, config.seed)
-                log_samples(accelerator, grid, global_step)
-            if global_step >= max_train_steps:
-                break
-    progress.close()
+    # The bar closes before any error propagates, so an error or Ctrl-C message is the last line printed.
+    with tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+              desc="train", unit="step", dynamic_ncols=True) as bar:
+        start_time, start_images, step_loss, step_images = time.time(), progress["images_seen"], 0.0, 0
+        micro_step = global_step * config.gradient_accumulation_steps
+        model.train()
+        while global_step < max_train_steps:
+            for batch in sampler:
+                step_loss += training_step(config, accelerator, model, optimizer, noise_scheduler, images, batch,
+                                           micro_step) / batch.global_size
+                micro_step, step_images = micro_step + 1, step_images + batch.global_size
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                step_loss /= config.gradient_accumulation_steps
+                if not math.isfinite(step_loss):
+                    stop_diverged(accelerator, config, global_step, step_loss)
+                lr_scheduler.step()
+                if ema is not None:
+                    ema.step(model.parameters())
+                progress["losses"].append(step_loss)
+                progress["images_seen"] += step_images
+                images_per_s = (progress["images_seen"] - start_images) / (time.time() - start_time)
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "img_per_s": images_per_s}
+                if ema is not None:
+                    logs["ema_decay"] = ema.cur_decay_value
+                accelerator.log(logs, step=global_step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_s:.0f}")
+                step_loss, step_images = 0.0, 0
+                periodic_work(config, accelerator, global_step, max_train_steps, model, noise_scheduler, ema, sampler,
+                              lr_scheduler, progress)
+                if global_step >= max_train_steps:
+                    break
 
     wall_time = time.time() - start_time
-    images_seen = global_step * config.train_batch_size * accelerator.num_processes * \
-        config.gradient_accumulation_steps
     if accelerator.is_main_process:
-        publish_pipeline(accelerator, config, model, noise_scheduler, ema, losses, images_seen, wall_time)
+        publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    session_images = (global_step - start_step) * config.train_batch_size * accelerator.num_processes * \
-        config.gradient_accumulation_steps
-    accelerator.print(f"done: {global_step} steps, {images_seen} images seen, {wall_time:.0f} s this session, "
-                      f"{session_images / max(wall_time, 1e-9):.1f} img/s; pipeline in {config.output_dir}")
+    accelerator.print(f"done: {global_step} steps, {progress['images_seen']} images seen, {wall_time:.0f} s this "
+                      f"session, {(progress['images_seen'] - start_images) / max(wall_time, 1e-9):.1f} img/s; "
+                      f"pipeline in {config.output_dir}")
+
+
+def periodic_work(config, accelerator, global_step, max_train_steps, model, noise_scheduler, ema, sampler,
+                  lr_scheduler, progress):
+    """After an optimizer step: a checkpoint and a sample grid when they are due."""
+    if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
+        save_checkpoint(accelerator, config, global_step, model, ema, sampler, lr_scheduler, progress)
+    end_of_epoch = sampler.position == len(sampler)
+    sample_now = (global_step % config.save_images_steps == 0) if config.save_images_steps else (
+        end_of_epoch and (sampler.epoch + 1) % config.save_images_epochs == 0)
+    if sample_now and accelerator.is_main_process:
+        with ema_weights(accelerator.unwrap_model(model), ema) as sampling_model:
+            grid = sample_images(config, sampling_model, noise_scheduler, config.eval_batch_size, config.seed)
+        log_samples(accelerator, grid, global_step)
+
+
+def resolve_config(argv):
+    """Parse the config; with no --config and no GPU, train the CPU config instead of the GPU one, saying so."""
+    config, dry_run, config_given = parse_config(argv)
+    if not config_given and not torch.cuda.is_available():
+        config, dry_run, _ = parse_config(argv, default_config=CPU_CONFIG)
+        print(f"train_accelerate.py: no GPU found and no --config given: training {CPU_CONFIG.relative_to(CPU_CONFIG.parents[1])} "
+              "(the two-hour CPU model) instead of the 100-epoch GPU run; pass --config configs/fashion_mnist.yaml "
+              "to train that anyway", file=sys.stderr)
+    return config, dry_run
 
 
 def main(argv=None):
     """Parse the config and train; bad input is one line on stderr and exit code 2."""
+    prog, config, threads = "train_accelerate.py", None, torch.get_num_threads()
     try:
-        config, dry_run = parse_config(argv)
+        config, dry_run = resolve_config(argv)
         if dry_run:
             print(config_to_yaml(config), end="")
             return 0
         train(config)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
-        print(f"train_accelerate.py: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:
-        print(f"train_accelerate.py: error: {error}", file=sys.stderr)
+    except (FloatingPointError, DiskFull) as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; checkpoints are only ever complete
+        where = run_dir.describe_checkpoints(config.output_dir) if config is not None else "nothing was written"
+        print(f"\n{prog}: interrupted; {where}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
+    except (RuntimeError, MemoryError) as error:
+        if isinstance(error, RuntimeError) and not is_out_of_memory(error):
+            raise
+        print(f"{prog}: error: out of memory ({one_line(error)[:160]}); lower --train_batch_size or "
+              "--eval_batch_size", file=sys.stderr)
+        return 1
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting
     return 0
 
 

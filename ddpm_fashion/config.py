@@ -15,8 +15,15 @@ from typing import Any, Literal, Optional
 import yaml
 from transformers import HfArgumentParser
 
+from ddpm_fashion.checks import check_finite, check_seed
+from ddpm_fashion.unet import check_unet_kwargs
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "fashion_mnist.yaml"
+CPU_CONFIG = CONFIG_DIR / "cpu.yaml"
+# What a checkpoint's weights, optimizer state and batch order were made for: a resumed run must keep these.
+RESUME_FIXED_KEYS = ("unet", "train_batch_size", "gradient_accumulation_steps", "seed", "random_flip", "use_ema",
+                     "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type")
 UNET_OVERRIDE_PREFIX = "--unet."
 
 
@@ -114,6 +121,10 @@ def check_values(config: TrainConfig) -> None:
     for name in ["max_train_steps", "checkpoints_total_limit", "save_images_steps"]:
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1 (or null), got {getattr(config, name)}")
+    for f in dataclasses.fields(config):
+        if isinstance(getattr(config, f.name), float):
+            check_finite(f.name, getattr(config, f.name))
+    check_seed("seed", config.seed)
     for name in ["learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
@@ -125,6 +136,7 @@ def check_values(config: TrainConfig) -> None:
     if config.ddpm_num_inference_steps > config.ddpm_num_steps:
         raise ValueError(f"ddpm_num_inference_steps ({config.ddpm_num_inference_steps}) must not exceed "
                          f"ddpm_num_steps ({config.ddpm_num_steps})")
+    check_unet_kwargs(config.unet)
 
 
 def valid_keys() -> list:
@@ -137,7 +149,10 @@ def read_yaml(path: Path) -> dict:
     if not Path(path).is_file():
         raise ValueError(f"config file {path} does not exist; the shipped ones are in {CONFIG_DIR}")
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text; a config is a YAML file like those in {CONFIG_DIR}") \
+            from None
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -145,6 +160,9 @@ def read_yaml(path: Path) -> dict:
     unknown = sorted(set(values) - set(valid_keys()))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(valid_keys())}")
+    if "unet" in values and not isinstance(values["unet"], dict):
+        raise ValueError(f"unet in config file {path} must be a mapping of UNet2DModel keys to values (e.g. "
+                         f"block_out_channels: [32, 64]), got {values['unet']!r}")
     return values
 
 
@@ -161,7 +179,12 @@ def split_unet_overrides(argv: list) -> tuple:
             value = next(args, None)
             if value is None:
                 raise ValueError(f"{arg} needs a value")
-        overrides[key] = yaml.safe_load(value)
+        if not key:
+            raise ValueError(f"{arg} names no U-Net key; use --unet.KEY VALUE, e.g. --unet.layers_per_block 2")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{arg} {value!r} is not a valid YAML value: {str(error).splitlines()[0]}") from None
     return rest, overrides
 
 
@@ -177,16 +200,16 @@ class ConfigArgumentParser(HfArgumentParser):
         raise ValueError(f"{message}; valid options: {valid_options()}")
 
 
-def parse_config(argv: Optional[list] = None) -> tuple:
-    """Resolve the config from `--config FILE` (default configs/fashion_mnist.yaml) and CLI overrides.
+def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CONFIG) -> tuple:
+    """Resolve the config from `--config FILE` (default: default_config) and CLI overrides.
 
-    Returns (TrainConfig, dry_run).
+    Returns (TrainConfig, dry_run, config_given), config_given saying whether --config was on the command line.
     """
     launcher = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    launcher.add_argument("--config", default=str(DEFAULT_CONFIG))
+    launcher.add_argument("--config", default=None)
     launcher.add_argument("--dry_run", "--dry-run", action="store_true")
     known, rest = launcher.parse_known_args(argv)
-    file_values = read_yaml(Path(known.config))
+    file_values = read_yaml(Path(known.config or default_config))
     rest, unet_overrides = split_unet_overrides(rest)
 
     parser = ConfigArgumentParser(TrainConfig, allow_abbrev=False)
@@ -196,7 +219,7 @@ def parse_config(argv: Optional[list] = None) -> tuple:
                                                          return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; valid options: {valid_options()}")
-    return config, known.dry_run
+    return config, known.dry_run, known.config is not None
 
 
 def config_to_yaml(config: TrainConfig) -> str:
@@ -204,9 +227,15 @@ def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config saved by config_to_yaml (checks types and values again)."""
-    unknown = sorted(set(values) - set(valid_keys()))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(valid_keys())}")
-    return TrainConfig(**values)
+def resume_differences(saved: dict, config: TrainConfig) -> list:
+    """Get 'key: saved -> new' for each RESUME_FIXED_KEYS value that differs from a checkpoint's saved config."""
+    differences = []
+    for key in RESUME_FIXED_KEYS:
+        old, new = saved.get(key), getattr(config, key)
+        if key == "unet":  # compared with UNet2DModel's defaults filled in: an omitted default is no change
+            old, new = check_unet_kwargs(old if isinstance(old, dict) else {}), check_unet_kwargs(new)
+            differences += [f"unet.{name}: {old.get(name)!r} -> {new.get(name)!r}"
+                            for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        elif old != new:
+            differences.append(f"{key}: {old!r} -> {new!r}")
+    return differences

@@ -1,27 +1,79 @@
 """The on-disk layout of a training run, and the rules that keep it safe.
 
     output_dir/
-        train_config.yaml          the resolved config (marks the folder as a ddpm_fashion run)
+        ddpm_fashion_run.json      marks the folder as a ddpm_fashion run (format and version): only we write it
+        .lock                      held (flock) by the one process training into the folder
+        train_config.yaml          the resolved config
         model_index.json unet/ scheduler/ README.md samples.png loss.png   the published DDPMPipeline
-        checkpoints/checkpoint-<step>/   accelerator.save_state + our trainer state
+        checkpoints/checkpoint-<step>/   accelerator.save_state + our trainer state + manifest.json
         logs/                      TensorBoard
 
-Everything is written under a temporary name and renamed into place, so a process killed at any moment leaves
-either the old file set or the new one, never half of one; `latest` only ever sees complete checkpoints.
+The rules: a folder is only written to if it is absent, empty, or marked as ours; a second run into a locked folder
+is refused; nothing in it changes until every check of the run has passed; checkpoints and the pipeline are written
+under a temporary name and renamed into place, so a process killed at any moment leaves the old set or the new one;
+every checkpoint carries a manifest (size and SHA-256 of each file), so `latest` only ever resumes from one that is
+provably complete; resuming from a checkpoint older than the newest is refused (continuing it would prune the
+newer ones); publishing replaces only the files it writes.
 """
 
-import os
+import hashlib
+import json
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
+from ddpm_fashion.files import FolderLock, probe_writable, read_json_object
+
+MARKER_FILE = "ddpm_fashion_run.json"
+RUN_FORMAT = "ddpm_fashion run"
+RUN_FORMAT_VERSION = 1
 CONFIG_FILE = "train_config.yaml"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STAGING_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+# What the trainer publishes into output_dir (a standard DDPMPipeline plus its pictures and model card).
+PIPELINE_ENTRIES = ("model_index.json", "unet", "scheduler", "README.md", "samples.png", "loss.png")
+# What else a run folder holds; readers of a model depend on all of it.
+RUN_ENTRIES = (CONFIG_FILE, CHECKPOINTS, "logs", FolderLock.NAME, MARKER_FILE)
+
+
+def protected_entries(model_dir) -> list:
+    """Get the files and folders of a pipeline or run folder that no command's output may replace."""
+    return [Path(model_dir) / name for name in PIPELINE_ENTRIES + RUN_ENTRIES]
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether a folder was made by this trainer: it holds our marker (or, from before markers, a full config)."""
+    path = Path(path)
+    if (path / MARKER_FILE).is_file():
+        try:
+            return read_json_object(path / MARKER_FILE).get("format") == RUN_FORMAT
+        except ValueError:
+            return False
+    return _is_legacy_run(path)
+
+
+def _is_legacy_run(path: Path) -> bool:
+    """Whether a folder is a run made before markers existed: a train_config.yaml with every key of ours."""
+    from ddpm_fashion.config import read_yaml, valid_keys
+
+    if not (path / CONFIG_FILE).is_file() or looks_like_checkpoint(path):
+        return False
+    try:
+        values = read_yaml(path / CONFIG_FILE)  # refuses keys that are not ours
+    except ValueError:
+        return False
+    # Runs of every earlier version saved these; a stray YAML file of someone else's does not have them all.
+    return {"output_dir", "train_batch_size", "learning_rate", "ddpm_num_steps", "unet"} <= set(values) <= set(
+        valid_keys()) and isinstance(values["unet"], dict)
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """Whether a folder is a checkpoint (or a copy of one) rather than a run folder."""
+    path = Path(path)
+    return bool(CHECKPOINT_PATTERN.match(path.name)) or (path / TRAINER_STATE).is_file() or (path / MANIFEST).is_file()
 
 
 def check_output_dir(output_dir: str, resuming: bool) -> None:
@@ -29,9 +81,14 @@ def check_output_dir(output_dir: str, resuming: bool) -> None:
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output_dir {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
-        raise ValueError(f"output_dir {path} is not empty and holds no {CONFIG_FILE}, so it is not a ddpm_fashion "
-                         "run; choose a new or empty directory")
+    if path.is_dir():
+        FolderLock.check_free(path, f"output_dir {path}")
+    if path.is_dir() and looks_like_checkpoint(path):
+        raise ValueError(f"output_dir {path} is a checkpoint, not a run folder; to continue its run pass the run "
+                         f"folder as --output_dir and this path as --resume_from_checkpoint")
+    if path.is_dir() and any(path.iterdir()) and not is_run_folder(path):
+        raise ValueError(f"output_dir {path} is not empty and is not a ddpm_fashion run (it has no {MARKER_FILE}); "
+                         "choose a new or empty directory")
     if path.is_dir() and checkpoint_dirs(path) and not resuming:
         raise ValueError(f"output_dir {path} has checkpoints from an earlier run; pass --resume_from_checkpoint "
                          "latest to continue it, or choose another output_dir")
@@ -40,10 +97,7 @@ def check_output_dir(output_dir: str, resuming: bool) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"output_dir {path} cannot be created: {existing} is not a directory")
-    try:  # os.access says yes to root even on read-only mounts, so ask the file system itself
-        tempfile.TemporaryDirectory(dir=existing, prefix=STAGING_PREFIX).cleanup()
-    except OSError as error:
-        raise ValueError(f"output_dir {path} is not writable: {error.strerror} ({existing})") from None
+    probe_writable(existing, f"output_dir {path}")
 
 
 def checkpoint_dirs(output_dir) -> list:
@@ -55,18 +109,96 @@ def checkpoint_dirs(output_dir) -> list:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
-    """Map `latest` or a path to a complete checkpoint folder; None means start from scratch."""
+def checkpoint_step(path: Path) -> int:
+    """Get the step number in a checkpoint folder's name."""
+    return int(CHECKPOINT_PATTERN.match(Path(path).name).group(1))
+
+
+def _sha256(path: Path) -> str:
+    """Get the hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file in a finished checkpoint folder, as the proof it is complete."""
+    folder = Path(folder)
+    files = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(folder.rglob("*")) if path.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"format": RUN_FORMAT, "files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise a one-line ValueError naming the file unless a checkpoint is complete and readable.
+
+    With a manifest every file must have its recorded size and SHA-256; a checkpoint from before manifests must at
+    least have a readable trainer state and config.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        files = read_json_object(folder / MANIFEST, f"checkpoint {folder}: {MANIFEST}").get("files")
+        if not isinstance(files, dict) or not files:
+            raise ValueError(f"checkpoint {folder} is damaged: {MANIFEST} lists no files")
+        for name, expected in files.items():
+            path = folder / name
+            if not path.is_file():
+                raise ValueError(f"checkpoint {folder} is incomplete: {name} is missing")
+            if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+                raise ValueError(f"checkpoint {folder} is damaged: {name} has {path.stat().st_size} bytes and other "
+                                 f"contents than the {expected.get('bytes')} bytes written")
+        return
+    for name in (TRAINER_STATE, CONFIG_FILE, "model.safetensors"):
+        if not (folder / name).is_file():
+            raise ValueError(f"checkpoint {folder} is incomplete: {name} is missing")
+    state = read_json_object(folder / TRAINER_STATE, f"checkpoint {folder}: {TRAINER_STATE}")
+    if not isinstance(state.get("global_step"), int):
+        raise ValueError(f"checkpoint {folder} is damaged: {TRAINER_STATE} has no global_step")
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Tuple[Optional[Path], List[tuple]]:
+    """Map `latest` or a path to a complete checkpoint folder (None: start from scratch).
+
+    Also returns the (checkpoint, reason) pairs `latest` skipped because they failed verification: newer ones that
+    are provably incomplete. A checkpoint older than the newest in output_dir is refused: training on from it
+    would prune or collide with the newer ones.
+    """
     if resume_from_checkpoint is None:
-        return None
+        return None, []
+    found = checkpoint_dirs(output_dir)
     if resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
+        skipped = []
+        for candidate in reversed(found):
+            try:
+                verify_checkpoint(candidate)
+            except ValueError as error:
+                skipped.append((candidate, str(error)))
+                continue
+            return candidate, skipped
+        if found:
+            raise ValueError(f"no complete checkpoint in {Path(output_dir) / CHECKPOINTS}: "
+                             f"{'; '.join(reason for _, reason in skipped)}")
+        return None, []
     path = Path(resume_from_checkpoint)
     if not path.is_dir() or not CHECKPOINT_PATTERN.match(path.name):
         raise ValueError(f"resume_from_checkpoint {path} is not a checkpoint folder (checkpoint-<step>); "
                          "use 'latest' or a path under output_dir/checkpoints")
-    return path
+    verify_checkpoint(path)
+    newer = [other for other in found if checkpoint_step(other) > checkpoint_step(path)]
+    if newer:
+        raise ValueError(f"resume_from_checkpoint {path} is older than {newer[-1]} in this output_dir; training on "
+                         "from it would replace the newer checkpoints. Resume from latest, or copy the run folder "
+                         "and resume the copy from the older checkpoint")
+    return path, []
+
+
+def read_checkpoint_config(folder: Path) -> dict:
+    """Get the resolved config a checkpoint was saved with."""
+    from ddpm_fashion.config import read_yaml
+
+    return read_yaml(Path(folder) / CONFIG_FILE)
 
 
 def prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
@@ -77,46 +209,27 @@ def prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
             shutil.rmtree(old)
 
 
-def remove_stale_staging(folder) -> None:
-    """Remove temporary folders left by a process that was killed while writing."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for stale in folder.glob(STAGING_PREFIX + "*"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+def mark_as_run(output_dir: Path) -> None:
+    """Write the marker that makes a folder recognisably ours (before anything else is written into it)."""
+    marker = Path(output_dir) / MARKER_FILE
+    if not marker.is_file():
+        marker.write_text(json.dumps({"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION}) + "\n")
 
 
-@contextmanager
-def staged_dir(final: Path):
-    """Yield a temporary folder beside `final`; rename it to `final` only if the block completes."""
-    final = Path(final)
-    staging = final.with_name(STAGING_PREFIX + final.name)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+def set_aside_name(checkpoint: Path, why: str) -> Path:
+    """Get a free name to keep a checkpoint under that `latest` never picks (e.g. checkpoint-8-damaged)."""
+    checkpoint = Path(checkpoint)
+    candidate, number = checkpoint.with_name(f"{checkpoint.name}-{why}"), 1
+    while candidate.exists():
+        number += 1
+        candidate = checkpoint.with_name(f"{checkpoint.name}-{why}-{number}")
+    return candidate
 
 
-def publish(staging: Path, output_dir: Path) -> None:
-    """Move every entry of a complete staging folder into output_dir, replacing older versions.
+def describe_checkpoints(output_dir) -> str:
+    """Get a sentence saying which complete checkpoint a stopped run can continue from."""
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return f"no checkpoint was saved in {Path(output_dir) / CHECKPOINTS}"
+    return f"the newest checkpoint is {found[-1]}; continue with --resume_from_checkpoint latest"
 
-    The previous entries are moved aside first and deleted only once all new ones are in place.
-    """
-    output_dir, staging = Path(output_dir), Path(staging)
-    previous = output_dir / (STAGING_PREFIX + "previous")
-    if previous.exists():
-        shutil.rmtree(previous)
-    previous.mkdir()
-    for entry in sorted(staging.iterdir()):
-        target = output_dir / entry.name
-        if target.exists():
-            os.replace(target, previous / entry.name)
-        os.replace(entry, target)
-    shutil.rmtree(previous)
-    staging.rmdir()

@@ -322,6 +322,11 @@ class UpBlock(nn.Module):
         return x
 
 
+def _is_int(value) -> bool:
+    """Whether value is an int (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _unsupported(key, value, supported):
     """Get the one-line error for a config value we do not implement."""
     return ValueError(f"UNet config {key}={value!r} is not supported; supported: {supported}")
@@ -556,6 +561,24 @@ def load_strict(model: nn.Module, state_dict) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
+def check_unet_kwargs(kwargs: dict) -> dict:
+    """Get the full U-Net config (defaults filled in) for constructor keywords, or raise a one-line ValueError.
+
+    Checks what the constructor would otherwise fail on with a TypeError: a non-mapping, unknown keys, wrong types.
+    """
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"the UNet config must be a mapping of UNet2DModel keys to values, got {kwargs!r}")
+    parameters = inspect.signature(UNet.__init__).parameters
+    valid = [name for name in parameters if name != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown UNet config key(s) {unknown}; valid keys: {', '.join(valid)}")
+    config = {name: parameters[name].default for name in valid}
+    config.update(kwargs)
+    check_unet_config(config)
+    return config
+
+
 def check_unet_config(config: dict) -> None:
     """Raise a one-line ValueError naming the key, the value and what is supported, for a config we cannot build."""
     if config["time_embedding_type"] != "positional":
@@ -575,9 +598,12 @@ def check_unet_config(config: dict) -> None:
     if config["downsample_padding"] not in (0, 1):
         raise _unsupported("downsample_padding", config["downsample_padding"], "0, 1")
 
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if not isinstance(config[key], (list, tuple)):
+            raise _unsupported(key, config[key], "a list with one entry per level")
     channels = tuple(config["block_out_channels"])
     down, up = tuple(config["down_block_types"]), tuple(config["up_block_types"])
-    if not channels or any(not isinstance(c, int) or c < 1 for c in channels):
+    if not channels or any(not _is_int(c) or c < 1 for c in channels):
         raise _unsupported("block_out_channels", channels, "a non-empty sequence of positive ints")
     for key, types, allowed in (("down_block_types", down, DOWN_BLOCK_TYPES), ("up_block_types", up, UP_BLOCK_TYPES)):
         if len(types) != len(channels):
@@ -586,14 +612,21 @@ def check_unet_config(config: dict) -> None:
         for i, block_type in enumerate(types):
             if block_type not in allowed:
                 raise _unsupported(f"{key}[{i}]", block_type, ", ".join(allowed))
-    for key in ("in_channels", "out_channels", "layers_per_block"):
-        if not isinstance(config[key], int) or config[key] < 1:
+    for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        if not _is_int(config[key]) or config[key] < 1:
             raise _unsupported(key, config[key], "a positive int")
-    if not isinstance(config["norm_num_groups"], int) or any(c % config["norm_num_groups"] for c in channels):
+    for key in ("norm_eps", "mid_block_scale_factor", "dropout"):
+        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)) or not math.isfinite(config[key]):
+            raise _unsupported(key, config[key], "a finite number")
+    if not config["norm_eps"] > 0:
+        raise _unsupported("norm_eps", config["norm_eps"], "a positive number")
+    if not _is_int(config["freq_shift"]):
+        raise _unsupported("freq_shift", config["freq_shift"], "an int")
+    if any(c % config["norm_num_groups"] for c in channels):
         raise _unsupported("norm_num_groups", config["norm_num_groups"],
                            f"an int dividing every block_out_channels {channels}")
     attn_groups = config["attn_norm_num_groups"]
-    if attn_groups is not None and (not isinstance(attn_groups, int) or channels[-1] % attn_groups):
+    if attn_groups is not None and (not _is_int(attn_groups) or attn_groups < 1 or channels[-1] % attn_groups):
         raise _unsupported("attn_norm_num_groups", attn_groups, f"None or an int dividing {channels[-1]}")
     head_dim = config["attention_head_dim"]
     if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):

@@ -1,8 +1,13 @@
 """train_accelerate.py end to end: the published pipeline, exact resume, multi-process equivalence, bad input."""
 
+import errno
 import json
 import os
+import re
 import shutil
+import signal
+import textwrap
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +19,30 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_accelerate.py"
 SMOKE = ROOT / "configs" / "smoke.yaml"
+# One torch thread per trainer: the test processes share two cores. The thread rule itself is tested on its own.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+       "DDPM_FASHION_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 sys.path.insert(0, str(ROOT))
 import train_accelerate  # noqa: E402
 
+from ddpm_fashion import run_dir  # noqa: E402
 
-def run_training(output_dir, data_dir, *extra, launcher=(sys.executable,)):
-    """Run the trainer on the smoke config in a subprocess; fail the test with its output if it fails."""
-    command = [*launcher, str(SCRIPT), "--config", str(SMOKE), "--output_dir", str(output_dir),
+
+def run_training(output_dir, data_dir, *extra, launcher=(sys.executable,), script=SCRIPT, expect=0, env=None):
+    """Run the trainer on the smoke config in a subprocess; fail the test with its output unless it exits `expect`."""
+    command = [*launcher, str(script), "--config", str(SMOKE), "--output_dir", str(output_dir),
                "--data_dir", str(data_dir), *map(str, extra)]
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, f"{command} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+                                        f"{result.stderr[-3000:]}"
     return result
+
+
+@pytest.fixture(autouse=True)
+def _one_trainer_thread(monkeypatch):
+    """In-process runs use one torch thread too (the trainer sets threads per process; main() restores them)."""
+    monkeypatch.setenv("DDPM_FASHION_NUM_THREADS", "1")
 
 
 def train_in_process(output_dir, data_dir, *extra):
@@ -141,9 +156,25 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert "layers_per_block: 2" in printed
 
 
-def test_default_config_is_the_gpu_config(capsys):
+def test_default_config_is_the_gpu_config_when_a_gpu_is_present(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train_accelerate.main(["--dry_run"]) == 0
-    assert "block_out_channels:\n  - 64\n  - 128" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "block_out_channels:\n  - 64\n  - 128" in captured.out
+    assert captured.err == ""
+
+
+def test_without_gpu_or_config_the_cpu_config_is_trained_and_said_so(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_accelerate.main(["--dry_run"]) == 0
+    captured = capsys.readouterr()
+    assert "output_dir: out-cpu" in captured.out  # configs/cpu.yaml
+    assert captured.err.count("\n") == 1 and "no GPU found" in captured.err
+    assert "--config configs/fashion_mnist.yaml" in captured.err
+    # an explicit --config is obeyed without a word
+    assert train_accelerate.main(["--config", str(ROOT / "configs" / "fashion_mnist.yaml"), "--dry_run"]) == 0
+    captured = capsys.readouterr()
+    assert "output_dir: out\n" in captured.out and captured.err == ""
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -157,6 +188,16 @@ def test_default_config_is_the_gpu_config(capsys):
     (["--mixed_precision", "fp16"], "fp16"),
     (["--data_dir", "/nonexistent/fashion"], "/nonexistent/fashion"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "not a checkpoint folder"),
+    (["--unet.bogus", "1"], r"unknown UNet config key\(s\) \['bogus'\]"),
+    (["--unet.norm_num_groups", "0"], "norm_num_groups=0 is not supported"),
+    (["--unet.block_out_channels", "16"], "block_out_channels=16 is not supported"),
+    (["--unet.block_out_channels", "[16,"], "is not a valid YAML value"),
+    (["--learning_rate", "inf"], "learning_rate must be a finite number"),
+    (["--adam_beta1", "nan"], "adam_beta1 must be a finite number"),
+    (["--max_grad_norm", "inf"], "max_grad_norm must be a finite number"),
+    (["--seed", "99999999999999999999"], "seed must be an integer from 0 to 4294967295"),
+    (["--train_batch_size", "1000000000"], "more than the .* training images"),
+    (["--eval_batch_size", "1000000000"], "lower --eval_batch_size"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, train_data_dir, capsys, extra, message):
     if extra[0] == "--mixed_precision" and torch.cuda.is_available():
@@ -166,9 +207,24 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, train_data_di
     code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(output_dir), *data, *extra])
     err = capsys.readouterr().err
     assert code == 2
-    assert message in err
+    assert re.search(message, err), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("unet: [16, 32]\n", "unet in config file .* must be a mapping"),
+    ("unet: null\n", "unet in config file .* must be a mapping"),
+    ("unet: {block_out_channels: 16}\n", "block_out_channels=16 is not supported"),
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "is not UTF-8 text"),
+])
+def test_bad_config_file_is_one_line_exit_2(tmp_path, capsys, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code = train_accelerate.main(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 def test_output_dir_that_is_not_ours_is_refused(tmp_path, train_data_dir, capsys):
@@ -233,3 +289,302 @@ def test_a_run_killed_at_any_moment_resumes(tmp_path, train_data_dir):
                      "--save_images_steps", 100, "--resume_from_checkpoint", "latest")
     assert trainer_state(output_dir, 20)["global_step"] == 20
     assert (output_dir / "model_index.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing the user made is ever lost (issue 12): run folders, checkpoints, locks, resume rules, faults
+# ---------------------------------------------------------------------------------------------------------------
+
+def error_line(err):
+    """The one error line of a failed run (a progress bar may precede it; nothing may follow it)."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("train_accelerate.py: error: "), err[-2000:]
+    assert err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
+    return lines[-1]
+
+
+def tree(folder):
+    """Every file under a folder with its bytes, to prove a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(smoke_run, tmp_path):
+    """A private copy of the shared smoke run (checkpoints 8 and 12, a published pipeline) to break or continue."""
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run[0], copy)
+    return copy
+
+
+def test_a_folder_with_a_foreign_train_config_is_not_a_run(tmp_path, train_data_dir, capsys):
+    folder = tmp_path / "r"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "train_config.yaml").write_text("model: resnet50\n")
+    (folder / "README.md").write_text("notes\n")
+    (folder / "unet" / "weights.bin").write_text("x")
+    before = tree(folder)
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(folder), "--data_dir", train_data_dir,
+                                  "--max_train_steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a ddpm_fashion run" in err and err.count("\n") == 1
+    assert tree(folder) == before
+
+
+def test_a_checkpoint_folder_is_refused_as_output_dir(run_copy, train_data_dir, capsys):
+    checkpoint = run_copy / "checkpoints" / "checkpoint-12"
+    before = tree(run_copy)
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(checkpoint), "--data_dir",
+                                  train_data_dir, "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a checkpoint, not a run folder" in err
+    assert tree(run_copy) == before
+
+
+def test_resuming_from_an_older_checkpoint_is_refused_and_deletes_nothing(run_copy, train_data_dir, capsys):
+    before = tree(run_copy)
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir", train_data_dir,
+                                  "--resume_from_checkpoint", str(run_copy / "checkpoints" / "checkpoint-8"),
+                                  "--checkpointing_steps", "4", "--checkpoints_total_limit", "1",
+                                  "--max_train_steps", "18"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is older than" in err and "checkpoint-12" in err, err
+    assert tree(run_copy) == before
+
+
+def test_resume_with_another_unet_or_batch_size_changes_nothing(run_copy, train_data_dir, capsys):
+    before = tree(run_copy)
+    for override, named in ((["--unet.block_out_channels", "[32, 64]"], "unet.block_out_channels: [16, 32] -> [32, 64]"),
+                            (["--train_batch_size", "8"], "train_batch_size: 16 -> 8")):
+        code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir",
+                                      train_data_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", "16",
+                                      *override])
+        err = capsys.readouterr().err
+        assert code == 2 and "cannot resume from" in err and named in err, err
+        assert err.count("\n") == 1
+    assert tree(run_copy) == before  # train_config.yaml included
+
+
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back_to_a_proven_one(run_copy, train_data_dir, capsys):
+    weights = run_copy / "checkpoints" / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir", train_data_dir,
+                                  "--resume_from_checkpoint", str(weights.parent), "--max_train_steps", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoint-12 is damaged: model.safetensors" in err, err
+    # latest proves checkpoint-8 complete (manifest sizes and hashes), keeps the damaged one aside, continues
+    train_in_process(run_copy, train_data_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", "12",
+                     "--checkpointing_steps", "4", "--save_images_steps", "100")
+    out = capsys.readouterr()
+    assert "resumed from" in out.out + out.err and "checkpoint-8 at step 8" in out.out + out.err
+    assert "checkpoint-12-damaged" in out.err
+    assert (run_copy / "checkpoints" / "checkpoint-12-damaged" / "model.safetensors").stat().st_size == 100
+    assert trainer_state(run_copy, 12)["global_step"] == 12
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "checkpoint-5 is incomplete: trainer_state.json is missing"),
+    ("garbled state", "trainer_state.json is not valid JSON"),
+])
+def test_a_broken_checkpoint_without_manifest_is_one_line_and_writes_nothing(tmp_path, run_copy, train_data_dir,
+                                                                            capsys, damage, message):
+    checkpoint = tmp_path / "elsewhere" / "checkpoint-5"
+    if damage == "empty":
+        checkpoint.mkdir(parents=True)
+    else:  # a checkpoint from before manifests, with its trainer state garbled
+        shutil.copytree(run_copy / "checkpoints" / "checkpoint-8", checkpoint)
+        (checkpoint / "manifest.json").unlink()
+        (checkpoint / "trainer_state.json").write_text('{"global_step": 8, "losses": [\x01')
+    output_dir = tmp_path / "new"
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(output_dir), "--data_dir",
+                                  train_data_dir, "--resume_from_checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not output_dir.exists()
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from ddpm_fashion.files import FolderLock
+    from ddpm_fashion.run_dir import mark_as_run
+    mark_as_run(sys.argv[1])
+    lock = FolderLock(sys.argv[1], "run").acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_busy_run_folder_is_refused_naming_the_holder_and_a_dead_holder_holds_nothing(tmp_path, train_data_dir,
+                                                                                        capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(output_dir)], env=ENV, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree(output_dir)
+        code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(output_dir), "--data_dir",
+                                      train_data_dir, "--max_train_steps", "2"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is in use by another run" in err and f"pid {holder.pid}" in err, err
+        assert tree(output_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    train_in_process(output_dir, train_data_dir, "--max_train_steps", "2", "--save_images_steps", "100")
+    assert (output_dir / "model_index.json").is_file()
+
+
+DELAYED_SAVE = textwrap.dedent("""
+    # Launch the trainer with every non-main rank's save_state delayed, so a rename that does not wait fails.
+    import sys, time
+    import accelerate
+    save_state = accelerate.Accelerator.save_state
+    def delayed(self, *args, **kwargs):
+        if not self.is_main_process:
+            time.sleep(1.5 * self.process_index)
+        return save_state(self, *args, **kwargs)
+    accelerate.Accelerator.save_state = delayed
+    sys.path.insert(0, {root!r})
+    import train_accelerate
+    sys.exit(train_accelerate.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_every_rank_finishes_its_checkpoint_part_before_the_rename(tmp_path, train_data_dir, processes):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launcher = tmp_path / "delayed_save.py"
+    launcher.write_text(DELAYED_SAVE.format(root=str(ROOT)))
+    output_dir = tmp_path / "out"
+    run_training(output_dir, train_data_dir, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                 "--train_batch_size", 4, "--save_images_steps", 100, script=launcher,
+                 launcher=(str(torchrun), "--nproc_per_node", str(processes), "--master_port", str(29520 + processes)))
+    for step in (2, 4):
+        checkpoint = output_dir / "checkpoints" / f"checkpoint-{step}"
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {f"random_states_{rank}.pkl" for rank in range(processes)} <= names, names
+        run_dir.verify_checkpoint(checkpoint)
+    assert not list((output_dir / "checkpoints").glob(".tmp-*"))
+    assert (output_dir / "model_index.json").is_file()
+
+
+def test_ctrl_c_is_one_line_exit_130_naming_the_checkpoint_to_resume(tmp_path, train_data_dir):
+    output_dir = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), "--config", str(SMOKE), "--output_dir", str(output_dir),
+               "--data_dir", str(train_data_dir), "--max_train_steps", "400", "--checkpointing_steps", "2",
+               "--save_images_steps", "1000"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (output_dir / "checkpoints" / "checkpoint-2").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("train_accelerate.py: interrupted; the newest checkpoint is "), err[-2000:]
+    assert "--resume_from_checkpoint latest" in last and "Traceback" not in err
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_what_exists(run_copy, train_data_dir, capsys, monkeypatch):
+    before = tree(run_copy)
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_accelerate.Accelerator, "save_state", no_space)
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir", train_data_dir,
+                                  "--resume_from_checkpoint", "latest", "--max_train_steps", "16",
+                                  "--checkpointing_steps", "4"])
+    err = capsys.readouterr().err
+    line = error_line(err)
+    assert code == 1 and "no space left on the device while writing" in line and " MB are free" in line, err
+    after = tree(run_copy)
+    kept = {name: data for name, data in before.items() if name not in (".lock", "train_config.yaml")}
+    assert kept.items() <= after.items()
+    assert not list((run_copy / "checkpoints").glob(".tmp-*"))
+
+    monkeypatch.undo()
+    monkeypatch.setenv("DDPM_FASHION_NUM_THREADS", "1")
+    monkeypatch.setattr(train_accelerate.DDPMPipeline, "save_pretrained", no_space)
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir", train_data_dir,
+                                  "--resume_from_checkpoint", "latest", "--max_train_steps", "13",
+                                  "--save_images_steps", "100"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no space left" in error_line(err), err
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "samples.png"):
+        assert (run_copy / name).read_bytes() == before[name], name  # the old pipeline is whole
+    assert not list(run_copy.glob(".tmp-*"))
+
+
+def test_a_diverged_run_says_precisely_what_is_kept(tmp_path, train_data_dir, capsys):
+    output_dir = tmp_path / "out"
+    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(output_dir), "--data_dir",
+                                  train_data_dir, "--learning_rate", "1e30", "--lr_warmup_steps", "0",
+                                  "--max_grad_norm", "1e30", "--checkpointing_steps", "1"])
+    err = capsys.readouterr().err
+    err = error_line(err)
+    assert code == 1, err
+    step = int(re.search(r"at step (\d+)", err).group(1))
+    assert f"checkpoint-{step - 1}, whose weights produced it, is kept as checkpoint-{step - 1}-diverged" in err, err
+    assert (output_dir / "checkpoints" / f"checkpoint-{step - 1}-diverged").is_dir()
+    left = run_dir.checkpoint_dirs(output_dir)
+    if left:
+        assert f"the newest checkpoint is {left[-1]}" in err
+    else:
+        assert "no checkpoint was saved" in err
+    assert not (output_dir / "model_index.json").exists()
+
+
+def test_images_seen_counts_real_images_of_a_short_last_batch(tmp_path, capsys):
+    from conftest import write_synthetic_fashion_mnist
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_synthetic_fashion_mnist(data, num_train=40, num_test=10)
+    output_dir = tmp_path / "out"
+    train_in_process(output_dir, data, "--max_train_steps", "3", "--checkpointing_steps", "3",
+                     "--save_images_steps", "100")  # batches of 16, 16, 8: one epoch of 40 images
+    assert trainer_state(output_dir, 3)["images_seen"] == 40
+    assert "| images seen | 40 |" in (output_dir / "README.md").read_text()
+    assert "40 images seen" in capsys.readouterr().out
+
+
+def test_publishing_replaces_only_its_own_files(run_copy, train_data_dir):
+    (run_copy / "unet" / "my_notes.txt").write_text("mine")
+    (run_copy / "eval.json").write_text("{}")
+    train_in_process(run_copy, train_data_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", "13",
+                     "--save_images_steps", "100")
+    assert (run_copy / "unet" / "my_notes.txt").read_text() == "mine"
+    assert (run_copy / "eval.json").read_text() == "{}"
+    assert "| optimizer steps | 13 |" in (run_copy / "README.md").read_text()
+
+
+def test_a_launched_cpu_run_uses_every_core(tmp_path, train_data_dir):
+    from ddpm_fashion.resources import physical_cores
+
+    if physical_cores() < 2:
+        pytest.skip("this machine has one physical core: there is no second one to use")
+    env = {key: value for key, value in ENV.items() if key not in ("DDPM_FASHION_NUM_THREADS", "OMP_NUM_THREADS")}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = run_training(tmp_path / "out", train_data_dir, "--max_train_steps", 1, "--save_images_steps", 100,
+                          launcher=(str(accelerate), "launch", "--num_processes", "1"), env=env)
+    assert f"{physical_cores()} torch threads per process" in result.stdout + result.stderr
+    # two processes on this machine share the cores evenly
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = run_training(tmp_path / "two", train_data_dir, "--max_train_steps", 1, "--save_images_steps", 100,
+                          "--train_batch_size", 8, env=env,
+                          launcher=(str(torchrun), "--nproc_per_node", "2", "--master_port", "29530"))
+    assert f"{max(1, physical_cores() // 2)} torch threads per process" in result.stdout + result.stderr
+
+
+def test_bad_input_through_accelerate_launch_shows_our_line(tmp_path):
+    """accelerate launch re-raises a failed child as CalledProcessError (README says so); our line is there."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--num_processes", "1", "--quiet", str(SCRIPT), "--config", str(SMOKE),
+               "--output_dir", str(tmp_path / "out"), "--learning_rate", "-1"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "train_accelerate.py: error: learning_rate must be positive, got -1.0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

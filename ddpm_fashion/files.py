@@ -1,0 +1,285 @@
+"""Writing files safely: every writer of ddpm_fashion goes through these few functions.
+
+The rules they keep: an output is checked before any work (its folder exists and is writable, it is not a file a
+reader depends on); a file or folder is written under a temporary name beside its target and renamed into place
+only when complete, so a crash leaves the old version or the new one, never half of one; nothing is deleted that
+this package did not write; a folder one process writes to is locked against a second.
+
+A leaf module: it imports nothing of ddpm_fashion, so any module may use it without an import cycle.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+STAGING_PREFIX = ".tmp-"
+
+
+def probe_writable(folder: Path, what: str) -> None:
+    """Raise a one-line ValueError unless a file can be created in the existing folder."""
+    try:  # os.access says yes to root even on read-only mounts, so ask the file system itself
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what} is not writable: {error.strerror} ({folder})") from None
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether path is folder or lies inside it, after resolving links."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_not_protected(path: Path, protected: Iterable[Path], what: str) -> None:
+    """Raise a one-line ValueError if path is, or lies inside, one of the protected files or folders."""
+    for guarded in protected:
+        if is_within(path, guarded):
+            raise ValueError(f"{what} {path} would overwrite {guarded}, which is read by this command or ships "
+                             "with ddpm_fashion; give a path outside it")
+
+
+def check_output_path(path: str, suffixes: Iterable[str], protected: Iterable[Path] = ()) -> Path:
+    """Get an output file path, or raise a one-line ValueError unless it can be written as one of `suffixes`.
+
+    `protected` lists files and folders the output must not replace (the model being read, shipped weights).
+    """
+    suffixes = tuple(suffixes)
+    target = Path(path)
+    if target.suffix.lower() not in suffixes:
+        raise ValueError(f"output {path} must end in one of: {', '.join(suffixes)}")
+    if target.is_dir():
+        raise ValueError(f"output {path} is a directory; give a file name")
+    check_not_protected(target, protected, "output")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ValueError(f"output {path} cannot be written: directory {folder} does not exist")
+    probe_writable(folder, f"output {path}")
+    return target
+
+
+def check_new_folder(path: str, what: str, protected: Iterable[Path] = ()) -> Path:
+    """Get a folder path to create, or raise a one-line ValueError unless it is absent or empty and creatable."""
+    folder = Path(path)
+    check_not_protected(folder, protected, what)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {path} exists and is not a directory")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{what} {path} is not empty; give a new or empty folder (nothing in it is ever replaced)")
+    parent = folder.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: directory {parent} does not exist")
+    probe_writable(parent, f"{what} {path}")
+    return folder
+
+
+def _current_umask() -> int:
+    """Get the process umask (reading it means setting it, so it is put straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix) to write to; on success it replaces `path`."""
+    path = Path(path)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(staging)
+        os.chmod(staging, 0o666 & ~_current_umask())  # mkstemp makes files private; outputs get the usual mode
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def staging_path(final: Path) -> Path:
+    """Get the temporary name a folder or file is written under before it is renamed to `final`."""
+    final = Path(final)
+    return final.with_name(STAGING_PREFIX + final.name)
+
+
+@contextmanager
+def scratch_folder(path: Path) -> Iterator[Path]:
+    """Yield `path` as a new empty folder (replacing a stale one of ours); remove it if the block fails."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)  # left by a process killed while writing: never anything but our own partial output
+    path.mkdir(parents=True)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def staged_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; rename it to `final` only if the block completes.
+
+    `final` must not exist (or be an empty folder), unless replace=True: then the old folder is moved aside and
+    deleted only after the new one is in place. On error the temporary folder is removed and `final` is untouched.
+    """
+    final = Path(final)
+    with scratch_folder(staging_path(final)) as staging:
+        yield staging
+    previous = None
+    if final.exists() and replace:
+        previous = final.with_name(STAGING_PREFIX + "previous-" + final.name)
+        os.replace(final, previous)
+    elif final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    os.replace(staging, final)  # fails, keeping both, if final appeared meanwhile and is not empty
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def move_files_into(staging: Path, folder: Path) -> None:
+    """Move every file of a complete staging folder to the same relative path in `folder`, then remove staging.
+
+    Files of the same name are replaced (each rename is atomic); files in `folder` that staging does not hold are
+    never touched, so publishing never deletes anything it did not write.
+    """
+    staging, folder = Path(staging), Path(folder)
+    files = sorted(path for path in staging.rglob("*") if path.is_file())
+    for source in files:
+        target = folder / source.relative_to(staging)
+        if target.is_dir():
+            raise ValueError(f"cannot write {target}: a folder of that name is in the way")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    shutil.rmtree(staging)
+
+
+def remove_stale_staging(folder: Path) -> None:
+    """Remove temporary files and folders this package left in `folder` when a process was killed mid-write."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+def folder_size(folder: Path) -> int:
+    """Get the total size in bytes of the files under a folder."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an error means the file system ran out of space (or quota)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(folder: Path) -> int:
+    """Get the bytes free for this user on the file system holding `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held by one process for as long as it writes there.
+
+    It is an advisory `flock` on `<folder>/.lock`: the operating system releases it when the holder exits or is
+    killed, so a dead run never holds a folder. The file records the holder (pid, host, start time) for the message
+    another process gets; it is left in place after release (deleting it would race with a new holder).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path, what: str):
+        self.path = Path(folder) / self.NAME
+        self.what = what
+        self._handle = None
+
+    def acquire(self) -> "FolderLock":
+        """Take the lock, or raise a one-line ValueError naming the process that holds it."""
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.seek(0)
+            holder = _describe_holder(handle.read())
+            handle.close()
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ValueError(f"{self.what} is in use by another run ({holder}); wait for it to finish or "
+                                 "choose another folder") from None
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    @classmethod
+    def check_free(cls, folder: Path, what: str) -> None:
+        """Raise the same one-line ValueError as acquire() if another process holds the lock (writes nothing)."""
+        path = Path(folder) / cls.NAME
+        if not path.is_file():
+            return
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ValueError(f"{what} is in use by another run ({_describe_holder(handle.read())}); wait for it "
+                                 "to finish or choose another folder") from None
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases the flock)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    """Get 'pid N on HOST since TIME' from a lock file's record (or what is known of it)."""
+    try:
+        record = json.loads(text)
+        return f"pid {record['pid']} on {record['host']} since {record['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not recorded itself yet"
+
+
+def read_json_object(path: Path, what: Optional[str] = None) -> dict:
+    """Read a JSON file that must hold an object, or raise a one-line ValueError naming the file."""
+    what = what or str(path)
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{what} is missing") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text") from None
+    except ValueError as error:
+        raise ValueError(f"{what} is not valid JSON ({' '.join(str(error).split())})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def sha256_of_file(path: Path) -> str:
+    """Get the hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
