@@ -1,9 +1,10 @@
 """The DDPM sampler of Ho et al. 2020 (arXiv:2006.11239), written to read beside the paper.
 
-It is a drop-in for `diffusers.DDPMScheduler`: same config, same methods, and the same numbers for the same inputs
-and generator (the test suite checks this bit for bit). Where diffusers is wrong it raises or fixes instead:
-`fixed_large_log` gives finite samples, impossible step counts and schedules raise ValueError, and unknown option
-names are rejected when the scheduler is built.
+It is a drop-in for `diffusers.DDPMScheduler`: same config, same methods and attributes (its private names
+`_get_variance` and `_threshold_sample` included, as aliases), the same return types, and the same numbers for the
+same inputs and generator (the test suite checks this bit for bit). Where diffusers is wrong it raises or fixes
+instead: `fixed_large_log` gives finite samples; impossible step counts and schedules, unknown option names,
+non-finite options and trained_betas of the wrong length raise ValueError when the scheduler is built.
 
 Notation, used for the locals below (the paper's eq. 4 and the text around eq. 6-7):
     beta_t               variance of the noise added by forward step t (`betas`)
@@ -15,6 +16,7 @@ Notation, used for the locals below (the paper's eq. 4 and the text around eq. 6
 """
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -26,8 +28,19 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ddpm_fashion.checks import check_finite, require_choice
+
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# The form in which `reverse_variance` (diffusers' `_get_variance`) returns sigma_t^2 for each variance_type.
+VARIANCE_FORMS = {
+    "fixed_small": "variance",
+    "fixed_small_log": "std",
+    "fixed_large": "variance",
+    "fixed_large_log": "log_variance",
+    "learned": "variance",
+    "learned_range": "log_variance",
+}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
@@ -115,12 +128,6 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def _require_choice(name: str, value, choices: Sequence[str]) -> None:
-    """Raise a ValueError naming the valid choices when value is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of: {', '.join(choices)}")
-
-
 def _as_count(name: str, value) -> int:
     """Get value as a Python int, or raise a ValueError when it is not an integer."""
     if isinstance(value, bool):
@@ -129,6 +136,32 @@ def _as_count(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _check_finite_number(name: str, value) -> None:
+    """Raise a one-line ValueError naming the option unless value is a finite real number (numpy's included)."""
+    check_finite(name, float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value)
+
+
+def _checked_trained_betas(trained_betas, num_train_timesteps: int) -> torch.Tensor:
+    """Get trained_betas as float32 betas, or raise a ValueError unless they are num_train_timesteps finite numbers."""
+    betas = torch.tensor(trained_betas, dtype=torch.float32)
+    if betas.shape != (num_train_timesteps,):
+        # diffusers accepts any length: too few betas fail later, when a timestep indexes past the last one, and
+        # extra ones are silently left unused (see README).
+        hint = f"; to use them all, pass num_train_timesteps=len(trained_betas)={len(betas)}" if betas.ndim == 1 else ""
+        raise ValueError(
+            f"trained_betas must be a list of num_train_timesteps={num_train_timesteps} numbers, "
+            f"got shape {tuple(betas.shape)}{hint}"
+        )
+    not_finite = torch.nonzero(~torch.isfinite(betas)).flatten()
+    if len(not_finite) > 0:
+        index = not_finite[0].item()
+        raise ValueError(
+            f"trained_betas must be finite float32 numbers, got {betas[index].item()} at index {index} "
+            f"({len(not_finite)} of {num_train_timesteps} not finite)"
+        )
+    return betas
 
 
 class DDPMScheduler(SchedulerMixin, ConfigMixin):
@@ -163,24 +196,24 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps = _as_count("num_train_timesteps", num_train_timesteps)
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}")
-        _require_choice("beta_schedule", beta_schedule, tuple(BETA_SCHEDULES))
-        _require_choice("variance_type", variance_type, VARIANCE_TYPES)
-        _require_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _require_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        require_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        require_choice("variance_type", variance_type, VARIANCE_TYPES)
+        require_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        require_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if _as_count("steps_offset", steps_offset) < 0:
             raise ValueError(f"steps_offset must be 0 or more, got {steps_offset}")
+        # Every comparison with NaN is False, so it slips past range checks (diffusers builds NaN betas from it).
+        finite_options = dict(beta_start=beta_start, beta_end=beta_end, clip_sample_range=clip_sample_range,
+                              dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+        for name, value in finite_options.items():
+            _check_finite_number(name, value)
         if beta_start < 0 or beta_end < 0:
             raise ValueError(f"beta_start and beta_end are variances and must be >= 0, got {beta_start}, {beta_end}")
         if not 0 < dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio is a quantile in (0, 1], got {dynamic_thresholding_ratio}")
 
         if trained_betas is not None:
-            self.betas = torch.tensor(trained_betas, dtype=torch.float32)
-            if self.betas.shape != (num_train_timesteps,):
-                raise ValueError(
-                    f"trained_betas must be a list of num_train_timesteps={num_train_timesteps} numbers, "
-                    f"got shape {tuple(self.betas.shape)}"
-                )
+            self.betas = _checked_trained_betas(trained_betas, num_train_timesteps)
         else:
             self.betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps, beta_start, beta_end)
         if rescale_betas_zero_snr:
@@ -282,9 +315,20 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         return schedule
 
-    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
-        """Get the timestep that the reverse step from `timestep` lands on (-1 after the last step)."""
-        t = self._checked_timestep(timestep)
+    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+        """Get the timestep that the reverse step from `timestep` lands on (-1 after the last step), typed as diffusers.
+
+        While stepping through every training timestep this is `timestep - 1` (an int for an int, a tensor for a
+        tensor); once set_timesteps has chosen a schedule it is a 0-d int64 tensor, on the device of .timesteps
+        except the final -1 (on the CPU), exactly as diffusers returns it. step() uses the plain int instead.
+        """
+        prev_t = self._previous_t(self._checked_timestep(timestep))
+        if self._previous_timestep_of is None:
+            return timestep - 1
+        return torch.tensor(prev_t, device=self.timesteps.device if prev_t >= 0 else None)
+
+    def _previous_t(self, t: int) -> int:
+        """Get the timestep that the reverse step from timestep t lands on, as an int (-1 after the last step)."""
         if self._previous_timestep_of is None:
             return t - 1
         if t not in self._previous_timestep_of:
@@ -317,12 +361,10 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> Union[DDPMSchedulerOutput, Tuple[torch.Tensor, torch.Tensor]]:
         """Sample x_{t-1} ~ p(x_{t-1} | x_t) from the model's output at x_t (Algorithm 2, lines 3-4)."""
         t = self._checked_timestep(timestep)
-        prev_t = self.previous_timestep(t)
         model_output, predicted_variance = self._split_predicted_variance(model_output, sample)
 
         # 1. compute alphas, betas; "current" ones span the whole (possibly strided) step t -> prev_t
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        alpha_prod_t, alpha_prod_t_prev = self._alpha_prods(t)
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
@@ -356,11 +398,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
-            # posterior variance beta~_t, eq. (7); floored because its log is taken
-            posterior_variance = beta_prod_t_prev / beta_prod_t * current_beta_t
-            posterior_variance = torch.clamp(posterior_variance, min=MIN_POSTERIOR_VARIANCE)
-            noise_scale = self._noise_scale(posterior_variance, current_beta_t, predicted_variance)
-            pred_prev_sample = pred_prev_sample + noise_scale * noise
+            pred_prev_sample = pred_prev_sample + self._noise_scale(t, predicted_variance) * noise
 
         if not return_dict:
             return pred_prev_sample, pred_original_sample
@@ -386,27 +424,59 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         return model_output, predicted_variance
 
-    def _noise_scale(
-        self, posterior_variance: torch.Tensor, current_beta_t: torch.Tensor, predicted_variance: Optional[torch.Tensor]
+    def _alpha_prods(self, t: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Get alpha-bar at timestep t and at the timestep its reverse step lands on (1 there after the last step)."""
+        prev_t = self._previous_t(t)
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        return self.alphas_cumprod[t], alpha_prod_t_prev
+
+    def reverse_variance(
+        self,
+        t: Union[int, torch.Tensor],
+        predicted_variance: Optional[torch.Tensor] = None,
+        variance_type: Optional[str] = None,
     ) -> torch.Tensor:
-        """Get sigma_t, the standard deviation of the noise added in this step, for the configured variance_type."""
-        # sigma_t^2 = beta~_t ("small") or beta_t ("large") are the two choices of section 3.2; the "_log" forms
-        # compute the same in log space. diffusers takes sqrt of log(beta_t) for fixed_large_log, giving NaN.
-        variance_type = self.config.variance_type
+        """Get sigma_t^2, the variance of p(x_{t-1} | x_t), in the form VARIANCE_FORMS names for the variance_type.
+
+        sigma_t^2 = beta~_t ("small") or beta_t ("large") are the two choices of section 3.2; "learned" models
+        predict sigma_t^2 and "learned_range" ones interpolate log sigma_t^2 between the two (Nichol & Dhariwal
+        2021, eq. 15). variance_type defaults to the config's; the values equal diffusers' `_get_variance`.
+        """
+        variance_type = self.config.variance_type if variance_type is None else variance_type
+        require_choice("variance_type", variance_type, VARIANCE_TYPES)
+        if variance_type in LEARNED_VARIANCE_TYPES and predicted_variance is None:
+            raise ValueError(f"variance_type {variance_type!r} needs the model's predicted_variance")
+        alpha_prod_t, alpha_prod_t_prev = self._alpha_prods(self._checked_timestep(t))
+        current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+        # posterior variance beta~_t, eq. (7); floored because its log is taken
+        posterior_variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t
+        posterior_variance = torch.clamp(posterior_variance, min=MIN_POSTERIOR_VARIANCE)
         if variance_type == "fixed_small":
-            return posterior_variance.sqrt()
+            return posterior_variance
         if variance_type == "fixed_small_log":
             return torch.exp(0.5 * torch.log(posterior_variance))
         if variance_type == "fixed_large":
-            return current_beta_t.sqrt()
+            return current_beta_t
         if variance_type == "fixed_large_log":
-            return torch.exp(0.5 * torch.log(current_beta_t))
+            return torch.log(current_beta_t)
         if variance_type == "learned":
-            return predicted_variance.sqrt()
-        # learned_range: the model interpolates log sigma^2 between the two choices (Nichol & Dhariwal 2021, eq. 15)
-        fraction = (predicted_variance + 1) / 2
-        log_variance = fraction * torch.log(current_beta_t) + (1 - fraction) * torch.log(posterior_variance)
-        return torch.exp(0.5 * log_variance)
+            return predicted_variance
+        fraction = (predicted_variance + 1) / 2  # learned_range: the model's output in [-1, 1], mapped to [0, 1]
+        return fraction * torch.log(current_beta_t) + (1 - fraction) * torch.log(posterior_variance)
+
+    # diffusers' name: its pipelines (ValueGuidedRLPipeline) and code written for its scheduler call it.
+    _get_variance = reverse_variance
+
+    def _noise_scale(self, t: int, predicted_variance: Optional[torch.Tensor]) -> torch.Tensor:
+        """Get sigma_t, the standard deviation of the noise the reverse step from t adds (Algorithm 2, line 4)."""
+        variance = self.reverse_variance(t, predicted_variance)
+        form = VARIANCE_FORMS[self.config.variance_type]
+        if form == "variance":
+            return variance.sqrt()
+        if form == "log_variance":
+            # diffusers takes the square root of fixed_large_log's log-variance here, giving NaN (diffusers#14569).
+            return torch.exp(0.5 * variance)
+        return variance  # already sigma_t
 
     def _dynamic_threshold(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
         """Get x_0 clamped to [-s, s] and divided by s, s a per-image quantile of |x_0| (Imagen, Saharia et al.)."""
@@ -421,6 +491,10 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)  # (B, 1)
         flat = torch.clamp(flat, -s, s) / s
         return flat.reshape(pred_original_sample.shape).to(dtype)
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Get `_dynamic_threshold(sample)` under diffusers' name and argument name, which its schedulers copy."""
+        return self._dynamic_threshold(sample)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Get x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), eq. (4), from given noise."""
@@ -446,3 +520,15 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         """Get the number of training timesteps T."""
         return self.config.num_train_timesteps
+
+    # diffusers' attribute names, for code written against its DDPMScheduler.
+
+    @property
+    def one(self) -> torch.Tensor:
+        """Get alpha-bar where the last reverse step lands, 1 (diffusers' name for final_alpha_cumprod)."""
+        return self.final_alpha_cumprod
+
+    @property
+    def variance_type(self) -> str:
+        """Get config.variance_type; read-only, because step() reads the config (diffusers keeps a writable copy)."""
+        return self.config.variance_type

@@ -6,7 +6,9 @@ otherwise; random draws are checked by comparing the generators' states after ea
 """
 
 import inspect
+import math
 import re
+import warnings
 from functools import partial
 
 import diffusers
@@ -18,8 +20,10 @@ from hypothesis import strategies as st
 
 from ddpm_fashion.scheduler import (
     BETA_SCHEDULES,
+    LEARNED_VARIANCE_TYPES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
+    VARIANCE_FORMS,
     VARIANCE_TYPES,
     DDPMScheduler,
 )
@@ -99,7 +103,7 @@ def test_option_names_are_exactly_those_the_installed_diffusers_accepts():
 
 
 @pytest.mark.parametrize("method", ["__init__", "set_timesteps", "step", "add_noise", "get_velocity",
-                                    "scale_model_input", "previous_timestep"])
+                                    "scale_model_input", "previous_timestep", "_get_variance", "_threshold_sample"])
 def test_signatures_match_diffusers(method):
     ours = inspect.signature(getattr(DDPMScheduler, method)).parameters
     theirs = inspect.signature(getattr(Reference, method)).parameters
@@ -331,6 +335,8 @@ def test_cuda_tensors_match_diffusers(generator_device):
         theirs_out = theirs.step(model_output, t, sample, generator=theirs_generator)
         assert ours_out.prev_sample.device.type == "cuda"
         torch.testing.assert_close(ours_out.prev_sample, theirs_out.prev_sample, rtol=0, atol=1e-6)
+        # diffusers returns an element of the CUDA .timesteps, and a CPU tensor for the final -1.
+        assert_same_value_and_type(ours.previous_timestep(t), theirs.previous_timestep(t))
         sample = ours_out.prev_sample
 
 
@@ -494,6 +500,153 @@ def test_readme_swap_example():
     assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
 
 
+# --- Drop-in details: names, return types and the private helpers diffusers code calls --------------------------
+
+
+def test_every_public_and_private_name_of_diffusers_exists_on_ours():
+    ours, theirs = both()
+    assert set(dir(theirs)) - set(dir(ours)) == set()
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(timesteps=[50, 7, 0])
+    assert set(dir(theirs)) - set(dir(ours)) == set()
+    assert DDPMScheduler._compatibles == Reference._compatibles
+    assert DDPMScheduler.config_name == Reference.config_name == "scheduler_config.json"
+    assert DDPMScheduler._get_variance is DDPMScheduler.reverse_variance
+
+
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+def test_attributes_diffusers_sets_read_the_same_without_warnings(variance_type):
+    ours, theirs = both(variance_type=variance_type, num_train_timesteps=37)
+    with warnings.catch_warnings():
+        # ConfigMixin answers a missing attribute from the config with a FutureWarning: ours must not rely on that.
+        warnings.simplefilter("error")
+        for name in vars(theirs):
+            ours_value, theirs_value = getattr(ours, name), getattr(theirs, name)
+            if isinstance(theirs_value, torch.Tensor):
+                assert_identical(ours_value, theirs_value)
+            else:
+                assert ours_value == theirs_value, name
+    assert ours.variance_type == variance_type and len(ours) == len(theirs) == 37
+    # diffusers' step reads its copy of variance_type; ours reads the config, so a copy cannot be reassigned.
+    with pytest.raises(AttributeError):
+        ours.variance_type = "fixed_large"
+
+
+def assert_same_value_and_type(ours, theirs):
+    """Assert two results are equal and of the same type; tensors also of the same dtype, device and shape."""
+    assert type(ours) is type(theirs)
+    if isinstance(theirs, torch.Tensor):
+        assert (ours.dtype, ours.device, ours.shape) == (theirs.dtype, theirs.device, theirs.shape)
+        assert torch.equal(ours, theirs)
+    else:
+        assert ours == theirs
+
+
+# The ways callers pass a timestep: diffusers' previous_timestep returns `timestep - 1` in the same type.
+TIMESTEP_FORMS = {"int": int, "0-d tensor": torch.tensor, "1-element tensor": lambda t: torch.tensor([t]),
+                  "numpy int": np.int64, "float": float}
+
+
+def set_schedule(schedulers, schedule):
+    """Give each scheduler the same schedule: every training timestep, 13 spaced steps, or custom timesteps."""
+    for scheduler in schedulers:
+        if schedule == "spaced":
+            scheduler.set_timesteps(13)
+        elif schedule == "custom":
+            scheduler.set_timesteps(timesteps=[950, 400, 30, 3])
+
+
+@pytest.mark.parametrize("schedule", ["every training timestep", "spaced", "custom"])
+@pytest.mark.parametrize("form", list(TIMESTEP_FORMS))
+def test_previous_timestep_returns_diffusers_types(schedule, form):
+    ours, theirs = both()
+    set_schedule((ours, theirs), schedule)
+    for t in theirs.timesteps[:2].tolist() + theirs.timesteps[-2:].tolist():
+        timestep = TIMESTEP_FORMS[form](t)
+        assert_same_value_and_type(ours.previous_timestep(timestep), theirs.previous_timestep(timestep))
+    if schedule != "every training timestep":
+        # diffusers' own test_custom_timesteps calls .item() on the result.
+        assert [ours.previous_timestep(t).item() for t in ours.timesteps] == ours.timesteps[1:].tolist() + [-1]
+
+
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+@pytest.mark.parametrize("schedule", ["every training timestep", "spaced", "custom"])
+def test_get_variance_matches_diffusers(variance_type, schedule):
+    ours, theirs = both(variance_type=variance_type)
+    set_schedule((ours, theirs), schedule)
+    generator = torch.Generator().manual_seed(0)
+    # A learned variance is positive; a learned_range output interpolates in [-1, 1].
+    predicted_variances = {"learned": torch.rand(2, 1, 3, 3, generator=generator) * 0.02,
+                           "learned_range": torch.rand(2, 1, 3, 3, generator=generator) * 2 - 1}
+    for t in theirs.timesteps[:2].tolist() + theirs.timesteps[-2:].tolist():
+        for asked_type in (None, *VARIANCE_TYPES):  # the config's type, then each type passed explicitly
+            predicted_variance = predicted_variances.get(asked_type or variance_type)
+            ours_value = ours._get_variance(t, predicted_variance=predicted_variance, variance_type=asked_type)
+            theirs_value = theirs._get_variance(t, predicted_variance=predicted_variance, variance_type=asked_type)
+            assert_identical(ours_value, theirs_value)
+            assert ours_value.dtype == theirs_value.dtype and ours_value.shape == theirs_value.shape
+            # A 0-d tensor timestep, as pipelines pass it, gives the same.
+            assert_identical(ours._get_variance(torch.tensor(t), predicted_variance, asked_type), theirs_value)
+
+
+def test_get_variance_reproduces_diffusers_golden_numbers():
+    # diffusers' test_variance (tests/schedulers/test_scheduler_ddpm.py), with its tolerance.
+    scheduler = DDPMScheduler(**GOLDEN_CONFIG)
+    for t, expected in ((0, 0.0), (487, 0.00979), (999, 0.02)):
+        assert torch.sum(torch.abs(scheduler._get_variance(t) - expected)) < 1e-5
+
+
+@pytest.mark.parametrize("variance_type", [v for v in VARIANCE_TYPES if v not in LEARNED_VARIANCE_TYPES])
+def test_step_noise_and_variance_forms_give_the_papers_sigma(variance_type):
+    # sigma_t^2 = beta~_t ("small") or beta_t ("large"), section 3.2, worked out here in float64. At t = 10 the two
+    # sigmas differ by 7%; the scheduler's float32 1 - alpha-bar_t near 0.0014 is off by up to ~5e-5 relative.
+    scheduler = DDPMScheduler(variance_type=variance_type, prediction_type="sample", clip_sample=False)
+    t, alpha_bar = 10, scheduler.alphas_cumprod.double()
+    beta_t = 1 - alpha_bar[t] / alpha_bar[t - 1]
+    sigma_squared = beta_t if "large" in variance_type else (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * beta_t
+    # With x_0 predicted as 0 and no clipping, step() returns sigma_t * z: divide z out to read sigma_t.
+    zeros = torch.zeros(1, 1, 4, 4)
+    step = scheduler.step(zeros, t, zeros, generator=torch.Generator().manual_seed(3)).prev_sample
+    noise = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    sigma = (step / noise).double()
+    torch.testing.assert_close(sigma, torch.full_like(sigma, sigma_squared.sqrt().item()), rtol=2e-4, atol=0)
+    # VARIANCE_FORMS says how reverse_variance (diffusers' _get_variance) holds that sigma_t.
+    variance = scheduler.reverse_variance(t).item()
+    to_sigma = {"variance": math.sqrt, "std": lambda std: std, "log_variance": lambda log: math.exp(0.5 * log)}
+    assert to_sigma[VARIANCE_FORMS[variance_type]](variance) == pytest.approx(sigma_squared.sqrt().item(), rel=2e-4)
+
+
+@pytest.mark.parametrize("variance_type", LEARNED_VARIANCE_TYPES)
+def test_get_variance_of_a_learned_type_needs_the_prediction(variance_type):
+    with pytest.raises(ValueError, match=f"variance_type '{variance_type}' needs the model's predicted_variance"):
+        DDPMScheduler(variance_type=variance_type)._get_variance(500)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_threshold_sample_matches_diffusers(dtype):
+    ours, theirs = both(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.7)
+    pred_original_sample = (torch.randn(3, 2, 5, 4) * 2).to(dtype)
+    thresholded = ours._threshold_sample(sample=pred_original_sample)
+    assert_identical(thresholded, theirs._threshold_sample(sample=pred_original_sample))
+    assert thresholded.dtype == dtype and not torch.equal(thresholded, pred_original_sample)
+
+
+@pytest.mark.parametrize("variance_type", SHARED_VARIANCE_TYPES)
+def test_step_tuple_and_output_forms_match_diffusers(variance_type):
+    ours, theirs = both(variance_type=variance_type)
+    sample = torch.randn(2, 1, 4, 4)
+    model_output = model_output_for(ours, sample, seed=1)
+    for return_dict in (False, True):
+        ours_out = ours.step(model_output, 500, sample, torch.Generator().manual_seed(0), return_dict=return_dict)
+        theirs_out = theirs.step(model_output, 500, sample, torch.Generator().manual_seed(0), return_dict=return_dict)
+        if return_dict:
+            assert list(ours_out.keys()) == list(theirs_out.keys()) == ["prev_sample", "pred_original_sample"]
+            ours_out, theirs_out = ours_out.to_tuple(), theirs_out.to_tuple()
+        assert type(ours_out) is type(theirs_out) is tuple and len(ours_out) == len(theirs_out) == 2
+        for ours_tensor, theirs_tensor in zip(ours_out, theirs_out):
+            assert_identical(ours_tensor, theirs_tensor)
+
+
 # --- Bad input: one clear ValueError, where diffusers crashes, misbehaves or accepts nonsense --------------------
 
 
@@ -567,3 +720,56 @@ def test_step_off_the_schedule_raises():
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match="timestep 901 is not in the schedule set by set_timesteps"):
         scheduler.step(torch.zeros(1, 1, 2, 2), 901, torch.zeros(1, 1, 2, 2))
+
+
+FINITE_OPTIONS = ("beta_start", "beta_end", "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value")
+
+
+@pytest.mark.parametrize("option", FINITE_OPTIONS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_non_finite_option_raises_one_line_naming_it(option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be a finite number, got [-a-z]+$"):
+        DDPMScheduler(**{option: value})
+
+
+@pytest.mark.parametrize("option", FINITE_OPTIONS)
+def test_numpy_numbers_for_float_options_are_accepted_like_diffusers(option):
+    value = np.float32(DDPMScheduler().config[option] * 0.9)  # a valid value, as a numpy scalar
+    ours, theirs = both(**{option: value})
+    for name in ("betas", "alphas_cumprod"):
+        assert_identical(getattr(ours, name), getattr(theirs, name))
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), 1e39])  # 1e39 overflows float32 to inf
+def test_non_finite_trained_betas_raise_naming_the_first(bad_value):
+    trained_betas = [0.01] * 10
+    trained_betas[6] = trained_betas[8] = bad_value
+    with pytest.raises(ValueError, match=r"^trained_betas must be finite float32 numbers, got (nan|inf) at index 6 "
+                                         r"\(2 of 10 not finite\)$"):
+        DDPMScheduler(num_train_timesteps=10, trained_betas=trained_betas)
+
+
+@pytest.mark.parametrize("length", [9, 11])
+def test_trained_betas_of_the_wrong_length_say_what_to_pass(length):
+    trained_betas = np.linspace(0.01, 0.2, length)
+    with pytest.raises(ValueError) as error:
+        DDPMScheduler(num_train_timesteps=10, trained_betas=trained_betas)
+    assert str(error.value) == (f"trained_betas must be a list of num_train_timesteps=10 numbers, got shape ({length},)"
+                                f"; to use them all, pass num_train_timesteps=len(trained_betas)={length}")
+    # Following the advice builds the scheduler diffusers builds.
+    ours, theirs = both(num_train_timesteps=length, trained_betas=trained_betas)
+    assert_identical(ours.alphas_cumprod, theirs.alphas_cumprod)
+    with pytest.raises(ValueError, match=r"got shape \(2, 5\)$"):  # no length advice for a table
+        DDPMScheduler(num_train_timesteps=10, trained_betas=np.full((2, 5), 0.01))
+
+
+def test_why_a_length_mismatch_is_refused_diffusers_misbehaves_later():
+    sample = torch.zeros(1, 1, 2, 2)
+    # Too few betas: diffusers builds the scheduler, lists timestep 9 first, and fails on it when sampling.
+    short = Reference(num_train_timesteps=10, trained_betas=[0.1] * 9)
+    assert short.timesteps[0] == 9 and len(short) == 10
+    with pytest.raises(IndexError):
+        short.step(sample, short.timesteps[0], sample)
+    # Too many: the extra betas are silently unused, so rescale_betas_zero_snr misses zero SNR at the last timestep.
+    long = Reference(num_train_timesteps=10, trained_betas=np.linspace(0.01, 0.2, 11), rescale_betas_zero_snr=True)
+    assert long.alphas_cumprod[len(long) - 1] > 0

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import load_benchmark
-from ddpm_fashion.unet import WEIGHTS_NAME, AttentionBlock, ResnetBlock, UNet, Upsample, load_strict
+from ddpm_fashion.unet import WEIGHTS_NAME, UNet, load_strict
+from ddpm_fashion.unet_blocks import AttentionBlock, ResnetBlock, Upsample
 
 OUTPUT_RTOL = 1e-5
 GRAD_RTOL = 1e-4
