@@ -7,44 +7,34 @@ Also runs under `torchrun --nproc_per_node N` and plain `python`. The config say
 The run folder's rules (marker, lock, manifests, what may be replaced) live in ddpm_fashion/run_dir.py.
 """
 
-import json
 import math
 import os
-import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ddpm_fashion import run_dir
+from ddpm_fashion.checkpointing import DiskFull, load_checkpoint, open_run_folder, save_checkpoint, writing
 from ddpm_fashion.checks import one_line
 from ddpm_fashion.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
-from ddpm_fashion.files import FolderLock, folder_size, free_bytes, is_disk_full, move_files_into, remove_stale_staging
-from ddpm_fashion.files import scratch_folder, staging_path
+from ddpm_fashion.files import move_files_into, scratch_folder, staging_path
 from ddpm_fashion.model_card import plot_loss, write_model_card
 from ddpm_fashion.resources import check_memory, configure_threads, estimate_unet_bytes, is_out_of_memory
 from ddpm_fashion.scheduler import DDPMScheduler
 from ddpm_fashion.unet import UNet
-
-EMA_WEIGHTS = "ema.safetensors"
-
-
-class DiskFull(OSError):
-    """The file system ran out of space while the run was saving; the message says where and how much."""
-
 
 def build_models(config):
     """The U-Net and noise scheduler; both U-Net implementations start from the same UNet2DModel weights."""
@@ -151,118 +141,6 @@ def check_batch_sizes(config, num_images, world_size):
                          f"more than the {num_images} training images; use at most {num_images // world_size}")
 
 
-def share_outcome(accelerator, error):
-    """Raise on every process the error (a message or None) that the main process met."""
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error:
-        raise ValueError(error)
-
-
-def open_run_folder(accelerator, config, checkpoints_seen, damaged):
-    """Main process: lock output_dir (creating it), check nothing changed since the checks, mark it as ours.
-
-    Damaged checkpoints that `latest` skipped are renamed aside (never deleted), so new ones can take their step.
-    Returns the held FolderLock (None on other processes). Until here nothing in output_dir was written.
-    """
-    lock, error, output_dir = None, None, Path(config.output_dir)
-    if accelerator.is_main_process:
-        created = not output_dir.exists()
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock = FolderLock(output_dir, f"output_dir {output_dir}").acquire()
-            if run_dir.checkpoint_dirs(output_dir) != checkpoints_seen:
-                raise ValueError(f"output_dir {output_dir} changed while this run started (another run wrote "
-                                 "checkpoints); start again")
-        except ValueError as refused:
-            error = one_line(refused)
-            if lock is not None:
-                lock.release()
-            if created:
-                shutil.rmtree(output_dir, ignore_errors=True)
-    share_outcome(accelerator, error)
-    if accelerator.is_main_process:
-        run_dir.mark_as_run(output_dir)
-        (output_dir / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
-        remove_stale_staging(output_dir)  # a pipeline a killed run was writing
-        remove_stale_staging(output_dir / run_dir.CHECKPOINTS)
-        for checkpoint, reason in damaged:
-            os.replace(checkpoint, run_dir.set_aside_name(checkpoint, "damaged"))
-            print(f"skipped {checkpoint} ({reason}); kept as {run_dir.set_aside_name(checkpoint, 'damaged').name}",
-                  file=sys.stderr)
-    return lock
-
-
-@contextmanager
-def writing(path, space_needed):
-    """Turn running out of disk space inside the block into DiskFull naming the path and the space needed."""
-    try:
-        yield
-    except (OSError, RuntimeError) as error:
-        if not is_disk_full(error) and "No space left" not in str(error):
-            raise
-        raise DiskFull(f"no space left on the device while writing {path}: it needs about {space_needed / 1e6:.0f} "
-                       f"MB, {free_bytes(path) / 1e6:.0f} MB are free; nothing older was removed") from None
-
-
-def checkpoint_bytes(config, model, ema):
-    """Estimate a checkpoint's size: the newest one's, or weights + two Adam moments (+ EMA) before the first."""
-    found = run_dir.checkpoint_dirs(config.output_dir)
-    if found:
-        return folder_size(found[-1])
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights * (3 + (ema is not None))
-
-
-def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler, progress):
-    """accelerator.save_state plus our trainer state, written under a temporary name and renamed when complete.
-
-    Every process writes its part (its RNG state) into the staging folder; the main process renames it only after
-    all have finished, then prunes old checkpoints, then all go on.
-    """
-    final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step}"
-    staging = staging_path(final)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise FloatingPointError(f"the weights became non-finite at step {step}; not saving them. "
-                                 f"{run_dir.describe_checkpoints(config.output_dir)}")
-    with writing(staging, checkpoint_bytes(config, model, ema)), \
-            scratch_folder(staging) if accelerator.is_main_process else nullcontext():
-        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
-        accelerator.save_state(str(staging), safe_serialization=True)
-        accelerator.wait_for_everyone()  # no rename while another process still writes its part
-        if accelerator.is_main_process:
-            (staging / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
-            state = {"global_step": step, "sampler": sampler.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     **progress}
-            if ema is not None:
-                save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, staging / EMA_WEIGHTS)
-                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-            (staging / run_dir.TRAINER_STATE).write_text(json.dumps(state))
-            run_dir.write_manifest(staging)
-            os.replace(staging, final)
-            run_dir.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(accelerator, path, ema, sampler, lr_scheduler):
-    """Restore model, optimizer and RNG (Accelerate) and our trainer state; returns (step, progress)."""
-    try:
-        accelerator.load_state(str(path))
-    except Exception as error:  # a readable message beats a library traceback; the manifest passed, so say what
-        raise ValueError(f"checkpoint {path} does not load into this run: {one_line(error)[:300]}") from None
-    state = json.loads((Path(path) / run_dir.TRAINER_STATE).read_text())
-    sampler.load_state_dict(state["sampler"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None:
-        shadow = load_file(Path(path) / EMA_WEIGHTS)
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-        ema.to(accelerator.device)
-    step = state["global_step"]
-    # Runs from before images were counted had only full batches of the configured size.
-    images = state.get("images_seen", step * sampler.global_batch_size * accelerator.gradient_accumulation_steps)
-    return step, {"losses": state["losses"], "images_seen": images}
-
-
 def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time):
     """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and move it into output_dir."""
     output_dir = Path(config.output_dir)
@@ -289,8 +167,8 @@ def stop_diverged(accelerator, config, step, loss):
         kept = run_dir.set_aside_name(suspect, "diverged")
         os.replace(suspect, kept)
         moved = f"{suspect.name}, whose weights produced it, is kept as {kept.name}; "
-    raise FloatingPointError(f"loss became {loss} at step {step}; {moved}{run_dir.describe_checkpoints(config.output_dir)}"
-                             " (with a lower --learning_rate)")
+    left = run_dir.describe_checkpoints(config.output_dir)
+    raise FloatingPointError(f"loss became {loss} at step {step}; {moved}{left} (with a lower --learning_rate)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -446,9 +324,9 @@ def resolve_config(argv):
     config, dry_run, config_given = parse_config(argv)
     if not config_given and not torch.cuda.is_available():
         config, dry_run, _ = parse_config(argv, default_config=CPU_CONFIG)
-        print(f"train_accelerate.py: no GPU found and no --config given: training {CPU_CONFIG.relative_to(CPU_CONFIG.parents[1])} "
-              "(the two-hour CPU model) instead of the 100-epoch GPU run; pass --config configs/fashion_mnist.yaml "
-              "to train that anyway", file=sys.stderr)
+        print(f"train_accelerate.py: no GPU found and no --config given: training configs/{CPU_CONFIG.name} (the "
+              "two-hour CPU model) instead of the 100-epoch GPU run; pass --config configs/fashion_mnist.yaml to "
+              "train that anyway", file=sys.stderr)
     return config, dry_run
 
 

@@ -1,19 +1,23 @@
 """Training throughput: train_accelerate.py vs the approach of diffusers' examples/unconditional_image_generation.
 
-    python benchmarks/train_speed.py [--steps 30] [--rounds 2] [--batch_size 64]
+    python benchmarks/train_speed.py [--steps 30] [--rounds 2] [--batch_size 64] [--launcher python|accelerate]
 
 Both sides train the same UNet2DModel config (the issue's reference: (32, 64, 128), one resnet per level,
 attention at 16x16, GroupNorm 8 groups, 1 channel) at the same batch size in fp32, in one process, alternating
 rounds so machine noise hits both. The reference is train_unconditional.py's loop: a DataLoader over the
 `datasets` FashionMNIST with torchvision transforms (Resize, CenterCrop, RandomHorizontalFlip, ToTensor,
 Normalize), UNet2DModel, diffusers' DDPMScheduler, AdamW (unfused, as there), cosine LR, EMAModel and gradient
-clipping under Accelerate. Ours is train_accelerate.main() with our U-Net, scheduler and in-memory data path.
+clipping under Accelerate. Ours is train_accelerate.main() with our U-Net, scheduler and in-memory data path, run
+in this process (--launcher python) or as the README runs it, `accelerate launch train_accelerate.py` in a child
+process (--launcher accelerate: the trainer then picks its own threads, as it does for users).
 Prints median img/s of each, the ratio, and the share of the physical ceiling (FLOPs per image / matmul rate).
 """
 
 import argparse
+import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,14 +78,22 @@ def reference_images_per_second(dataset, steps, batch_size):
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def ours_images_per_second(steps, batch_size, output_dir):
-    """Run train_accelerate.main for `steps` steps; returns its output (the summary line reports img/s)."""
+def ours_images_per_second(steps, batch_size, output_dir, launcher="python"):
+    """Run train_accelerate for `steps` steps in this process or under accelerate launch; returns its summary line."""
     args = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", output_dir, "--logger", "none",
             "--train_batch_size", str(batch_size), "--max_train_steps", str(steps),
             "--checkpointing_steps", "100000", "--save_images_steps", "100000", "--use_ema", "true",
             "--learning_rate", "1e-4", "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1"]
     for key, value in UNET.items():
         args += [f"--unet.{key}", str(value)]
+    if launcher == "accelerate":
+        accelerate = Path(sys.executable).parent / "accelerate"
+        env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+        result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", str(ROOT / "train_accelerate.py"),
+                                 *args], env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"accelerate launch failed ({result.returncode}): {result.stderr[-2000:]}")
+        return result.stdout + result.stderr
     captured = StringIO()
     with redirect_stdout(captured), redirect_stderr(StringIO()):
         code = train_accelerate.main(args)
@@ -95,27 +107,33 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the reference (and of ours in-process)")
+    parser.add_argument("--launcher", choices=("python", "accelerate"), default="python",
+                        help="run ours in this process, or through `accelerate launch` as the README does")
     parser.add_argument("--ceiling", type=float, default=59.0,
                         help="physical ceiling in img/s: 2.26 GFLOP per image per training step for this U-Net "
                              "at 133 GFLOP/s (a large fp32 matmul on 2 cores of this machine) = ~59 img/s")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("DDPM_FASHION_NUM_THREADS", str(args.threads))  # ours in-process: the same threads
     dataset = fashion_mnist_dataset("train")
     ours, reference = [], []
     for round_index in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            summary = ours_images_per_second(args.steps, args.batch_size, f"{tmp}/out")
+            summary = ours_images_per_second(args.steps, args.batch_size, f"{tmp}/out", args.launcher)
             total = time.perf_counter() - start
         match = re.search(r"done: \d+ steps, \d+ images seen, (\d+) s this session, ([\d.]+) img/s", summary)
+        threads = re.search(r"(\d+) torch threads per process", summary)
         ours.append(float(match.group(2)))
         reference.append(reference_images_per_second(dataset, args.steps, args.batch_size))
-        print(f"round {round_index}: ours {ours[-1]:.1f} img/s (whole script {total:.0f} s incl. start-up), "
+        print(f"round {round_index}: ours {ours[-1]:.1f} img/s ({args.launcher}, {threads.group(1)} threads; whole "
+              f"script {total:.0f} s incl. start-up), "
               f"reference {reference[-1]:.1f} img/s", flush=True)
     ours_median, reference_median = statistics.median(ours), statistics.median(reference)
     print(f"train_accelerate.py: {ours_median:.1f} img/s   diffusers example approach: {reference_median:.1f} img/s"
-          f"   ratio {ours_median / reference_median:.2f}x   (batch {args.batch_size}, fp32, {args.threads} threads)")
+          f"   ratio {ours_median / reference_median:.2f}x   (batch {args.batch_size}, fp32, reference "
+          f"{args.threads} threads, ours via {args.launcher})")
     print(f"share of the {args.ceiling:.0f} img/s ceiling: ours {ours_median / args.ceiling:.0%}, "
           f"reference {reference_median / args.ceiling:.0%}")
 
