@@ -22,7 +22,6 @@ from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ddpm_fashion import run_dir
@@ -32,6 +31,7 @@ from ddpm_fashion.config import CPU_CONFIG, config_to_yaml, parse_config, resume
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
 from ddpm_fashion.files import move_files_into, scratch_folder, staging_path
 from ddpm_fashion.model_card import plot_loss, write_model_card
+from ddpm_fashion.pictures import grid_tensor, image_grid
 from ddpm_fashion.resources import check_memory, configure_threads, estimate_unet_bytes, is_out_of_memory
 from ddpm_fashion.scheduler import DDPMScheduler
 from ddpm_fashion.unet import UNet
@@ -110,7 +110,7 @@ def sample_images(config, model, noise_scheduler, num_images, seed):
 
 def log_samples(accelerator, images, step):
     """Send a sample grid to the trackers that show images."""
-    grid = make_grid(images, nrow=int(math.sqrt(len(images))) or 1, padding=1)
+    grid = grid_tensor(images)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("samples", grid, step)
@@ -151,7 +151,7 @@ def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress,
         pipeline = DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler.from_config(noise_scheduler.config))
         pipeline.save_pretrained(folder, safe_serialization=True)
         samples = sample_images(config, final_model, noise_scheduler, config.eval_batch_size, config.seed)
-        save_image(samples, folder / "samples.png", nrow=int(math.sqrt(len(samples))) or 1, padding=1)
+        image_grid(samples).save(folder / "samples.png")
         plot_loss(folder / "loss.png", progress["losses"])
         write_model_card(folder / "README.md", config=config, config_yaml=config_to_yaml(config),
                          steps=len(progress["losses"]), images_seen=progress["images_seen"],
@@ -240,7 +240,6 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     ema = None
     if config.use_ema:  # only parameters are averaged, never buffers
         ema = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,

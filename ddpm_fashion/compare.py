@@ -4,56 +4,60 @@ All runs start from the same initial noise and draw the same step noise (one gen
 exact reimplementation gives the same images; the largest difference to the library/library images is the proof.
 In those four runs our U-Net is in reference mode (`reference_mode = True`): UNet2DModel's kernels in its memory
 layouts, so a difference measures arithmetic, not which kernels ran. A fifth run samples with our stack as `sample`
-and `evaluate` do (the fast layout), for its speed: its images also differ by the rounding of other kernels
-(converting UNet2DModel itself to channels-last moves one forward by ~4e-6, and sampling steps add that up past
-1e-5; benchmarks/unet_drift.py), so it is held to LAYOUT_TOLERANCE, which still catches any real error. The runs are
-the sampling benchmark too: U-Net forwards and scheduler.step() calls are timed apart, so the cost of our step() can
-be read against one U-Net forward.
+and `evaluate` do (the fast layout), for its speed: its images also differ by the rounding of other kernels, which
+adds up over sampling steps (measured in README.md, from benchmarks/unet_drift.py), so it is held to the looser
+LAYOUT_TOLERANCE, which still catches any real error. The runs are the sampling benchmark too: U-Net forwards and
+scheduler.step() calls are timed apart, so the cost of our step() can be read against one U-Net forward.
 """
 
 import platform
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_fashion.sampling import (
-    StepTimings,
-    check_num_inference_steps,
-    denoise,
-    image_grid,
-    initial_noise,
-    load_pipeline,
-    resolve_device,
-    side_by_side,
-    to_unit_range,
-    with_caption,
-)
+from ddpm_fashion.checks import check_positive_int, check_seed
+from ddpm_fashion.pictures import image_grid, side_by_side, to_unit_range, with_caption
+from ddpm_fashion.sampling import StepTimings, check_num_inference_steps, check_sampling_memory, denoise, initial_noise
+from ddpm_fashion.saved_pipeline import load_pipeline, resolve_device
 
 # fp32 sampling with identical seeds must agree to this (max |difference| in model space, [-1, 1]).
 MAX_ABS_DIFF_TOLERANCE = 1e-5
-# Our fast stack against the library's: on the reference model kernel rounding added up to 1.1e-5 over 1000 steps
-# (batch 8) and 5.6e-5 over 50 (batch 64); a mistake in the network moves images by orders of magnitude more.
+# Our fast stack against the library's: kernel rounding stays orders of magnitude below what a mistake in the
+# network moves images by (README.md has the measured drift).
 LAYOUT_TOLERANCE = 1e-3
-# (unet, scheduler, mode of our U-Net, tolerance); the first is the reference every run is measured against.
+
+
+class Run(NamedTuple):
+    """One sampling run of the comparison: which U-Net and scheduler code, our U-Net's mode, and its tolerance."""
+
+    unet: str
+    scheduler: str
+    mode: str  # "reference": our U-Net with UNet2DModel's kernels and layouts; "fast": as it samples by default
+    tolerance: float
+
+
+# The first run is the reference every run is measured against.
 RUNS = (
-    ("diffusers", "diffusers", "reference", MAX_ABS_DIFF_TOLERANCE),
-    ("diffusers", "own", "reference", MAX_ABS_DIFF_TOLERANCE),
-    ("own", "diffusers", "reference", MAX_ABS_DIFF_TOLERANCE),
-    ("own", "own", "reference", MAX_ABS_DIFF_TOLERANCE),
-    ("own", "own", "fast", LAYOUT_TOLERANCE),
+    Run("diffusers", "diffusers", "reference", MAX_ABS_DIFF_TOLERANCE),
+    Run("diffusers", "own", "reference", MAX_ABS_DIFF_TOLERANCE),
+    Run("own", "diffusers", "reference", MAX_ABS_DIFF_TOLERANCE),
+    Run("own", "own", "reference", MAX_ABS_DIFF_TOLERANCE),
+    Run("own", "own", "fast", LAYOUT_TOLERANCE),
 )
+# Float copies of the batch's images that compare keeps at once: one per run, and the side-by-side picture.
+IMAGE_COPIES = len(RUNS) + 1
 
 
 @dataclass
 class Comparison:
-    """The report (JSON-ready: runs and settings) and the final images of each (unet, scheduler) run."""
+    """The report (JSON-ready: runs and settings) and the final images of each run."""
 
     report: dict
-    images: Dict[Tuple[str, str], torch.Tensor]
+    images: Dict[Run, torch.Tensor]
 
 
 @torch.no_grad()
@@ -83,30 +87,32 @@ def run_comparison(
 ) -> Comparison:
     """Sample the four {own, diffusers} U-Net x scheduler combinations (and our fast stack) from the same noise;
     time and compare them."""
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    check_positive_int("num_images", num_images)
+    check_seed("seed", seed)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    pipes = [load_pipeline(model_dir, scheduler=scheduler, unet=unet, device=device) for unet, scheduler, _, _ in RUNS]
-    for (unet_name, _, mode, _), pipe in zip(RUNS, pipes):
-        if unet_name == "own":
-            pipe.unet.reference_mode = mode == "reference"
-    reference_pipe = pipes[0]
+    reference_pipe = load_pipeline(model_dir, scheduler=RUNS[0].scheduler, unet=RUNS[0].unet, device=device)
     num_inference_steps = check_num_inference_steps(reference_pipe, num_inference_steps)
+    check_sampling_memory(reference_pipe, num_images, num_images, "--num_images", "--num_images", IMAGE_COPIES)
+    pipes = [reference_pipe] + [load_pipeline(model_dir, scheduler=run.scheduler, unet=run.unet, device=device)
+                                for run in RUNS[1:]]
+    for run, pipe in zip(RUNS, pipes):
+        if run.unet == "own":
+            pipe.unet.reference_mode = run.mode == "reference"
 
     runs: List[dict] = []
     images = {}
     reference = None
-    for (unet_name, scheduler_name, mode, tolerance), pipe in zip(RUNS, pipes):
-        label = f"unet={run_label(unet_name, mode)} scheduler={scheduler_name}"
+    for run, pipe in zip(RUNS, pipes):
+        label = f"unet={run_label(run.unet, run.mode)} scheduler={run.scheduler}"
         sample, timings, seconds = _timed_run(pipe, num_images, num_inference_steps, seed, progress, label)
         reference = sample if reference is None else reference
-        images[unet_name, scheduler_name, mode] = to_unit_range(sample)
+        images[run] = to_unit_range(sample)
         runs.append({
-            "unet": unet_name,
-            "scheduler": scheduler_name,
-            "mode": mode,
+            "unet": run.unet,
+            "scheduler": run.scheduler,
+            "mode": run.mode,
             "max_abs_diff": (sample - reference).abs().max().item(),
-            "tolerance": tolerance,
+            "tolerance": run.tolerance,
             "sec_per_step": seconds / num_inference_steps,
             "images_per_s": num_images / seconds,
             "unet_forward_ms": 1000 * timings.unet_s / timings.steps,
@@ -174,7 +180,7 @@ def format_table(report: dict) -> str:
 def comparison_picture(comparison: Comparison):
     """Get the runs' image grids side by side, each captioned with its U-Net and scheduler."""
     grids = [
-        with_caption(image_grid(images), f"unet={run_label(unet, mode)} sched={scheduler}")
-        for (unet, scheduler, mode), images in comparison.images.items()
+        with_caption(image_grid(images), f"unet={run_label(run.unet, run.mode)} sched={run.scheduler}")
+        for run, images in comparison.images.items()
     ]
     return side_by_side(grids, gap=16)

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from ddpm_fashion.checks import check_seed
 from ddpm_fashion.data import CLASS_NAMES, crop_to_28, to_model_input
+from ddpm_fashion.pictures import to_unit_range
 from ddpm_fashion.scheduler import DDPMScheduler
 
 FORWARD_TIMESTEPS = (0, 50, 100, 250, 500, 750, 999)
@@ -22,6 +24,7 @@ def one_per_class(labels: torch.Tensor) -> torch.Tensor:
 
 def noised_images(images_uint8: torch.Tensor, timesteps: Sequence[int], scheduler: DDPMScheduler, seed: int = 0):
     """Get x_t ~ q(x_t | x_0) for every image and timestep, one noise draw per image, as [R, T, 28, 28] in [0, 1]."""
+    check_seed("seed", seed)
     x0 = to_model_input(images_uint8)  # (R, 1, 32, 32) in [-1, 1]
     # The same epsilon for every t, so a row shows one path of the image dissolving into noise.
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -29,8 +32,7 @@ def noised_images(images_uint8: torch.Tensor, timesteps: Sequence[int], schedule
     x0 = x0.repeat_interleave(len(timesteps), dim=0)  # (R*T, 1, 32, 32), each image T times
     noise = noise.repeat_interleave(len(timesteps), dim=0)
     t = torch.tensor(list(timesteps)).repeat(rows)  # (R*T,) = 0, 50, ..., 999, 0, 50, ...
-    noisy = crop_to_28(scheduler.add_noise(x0, noise, t))  # (R*T, 1, 28, 28)
-    noisy = (noisy / 2 + 0.5).clamp(0, 1)
+    noisy = to_unit_range(crop_to_28(scheduler.add_noise(x0, noise, t)))  # (R*T, 1, 28, 28)
     return noisy.reshape(rows, len(timesteps), *noisy.shape[-2:]).numpy()  # (R, T, 28, 28)
 
 

@@ -10,6 +10,7 @@ A leaf module: it imports nothing of ddpm_fashion, so any module may use it with
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -275,9 +276,7 @@ def read_json_object(path: Path, what: Optional[str] = None) -> dict:
 
 
 def sha256_of_file(path: Path) -> str:
-    """Get the hex SHA-256 of a file's bytes."""
-    import hashlib
-
+    """Get the hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

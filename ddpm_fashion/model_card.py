@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; the trainer runs on machines with no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+# A Figure made directly (not through pyplot) draws with a file-only canvas: no GUI backend is chosen or needed, so
+# the trainer runs on machines with no screen, and no global matplotlib setting changes.
+from matplotlib.figure import Figure
 
 CARD_TEMPLATE = """---
 library_name: diffusers
@@ -70,7 +69,8 @@ def write_model_card(path: Path, *, config, config_yaml: str, steps: int, images
 
 def plot_loss(path: Path, losses: list) -> None:
     """Plot the per-step training loss and its running mean."""
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    figure = Figure(figsize=(6, 3.5), dpi=120)
+    axis = figure.subplots()
     steps = np.arange(1, len(losses) + 1)
     axis.plot(steps, losses, lw=0.5, alpha=0.35, label="per step")
     if len(losses) >= 20:
@@ -83,4 +83,3 @@ def plot_loss(path: Path, losses: list) -> None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)

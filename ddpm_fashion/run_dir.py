@@ -16,14 +16,13 @@ provably complete; resuming from a checkpoint older than the newest is refused (
 newer ones); publishing replaces only the files it writes.
 """
 
-import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ddpm_fashion.files import FolderLock, probe_writable, read_json_object
+from ddpm_fashion.files import FolderLock, probe_writable, read_json_object, sha256_of_file
 
 MARKER_FILE = "ddpm_fashion_run.json"
 RUN_FORMAT = "ddpm_fashion run"
@@ -114,19 +113,10 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_PATTERN.match(Path(path).name).group(1))
 
 
-def _sha256(path: Path) -> str:
-    """Get the hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Record the size and SHA-256 of every file in a finished checkpoint folder, as the proof it is complete."""
     folder = Path(folder)
-    files = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    files = {str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": sha256_of_file(path)}
              for path in sorted(folder.rglob("*")) if path.is_file()}
     (folder / MANIFEST).write_text(json.dumps({"format": RUN_FORMAT, "files": files}, indent=1) + "\n")
 
@@ -146,7 +136,7 @@ def verify_checkpoint(folder: Path) -> None:
             path = folder / name
             if not path.is_file():
                 raise ValueError(f"checkpoint {folder} is incomplete: {name} is missing")
-            if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+            if path.stat().st_size != expected.get("bytes") or sha256_of_file(path) != expected.get("sha256"):
                 raise ValueError(f"checkpoint {folder} is damaged: {name} has {path.stat().st_size} bytes and other "
                                  f"contents than the {expected.get('bytes')} bytes written")
         return

@@ -1,13 +1,14 @@
 """The FashionMNIST classifier behind `fmnist` features: the shipped weights, its input, its training command."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import write_synthetic_fashion_mnist
-from ddpm_fashion import classifier
+from ddpm_fashion import classifier, classifier_training
 from ddpm_fashion.cli import main
 from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
 
@@ -70,21 +71,22 @@ def test_pixel_values_refuse_other_shapes_and_types(bad):
 def test_augment_mirrors_and_shifts_each_image_by_at_most_two_pixels():
     images = torch.zeros(512, 28, 28, dtype=torch.uint8)
     images[:, 10, 5] = 255  # one lit pixel, off the vertical axis so that mirroring moves it
-    augmented = classifier.augment(images, torch.Generator().manual_seed(0))
+    augmented = classifier_training.augment(images, torch.Generator().manual_seed(0))
     assert augmented.dtype == torch.uint8 and augmented.shape == images.shape
     lit = augmented.nonzero()  # [512, 3]: every image still has exactly its one pixel
     assert len(lit) == 512 and torch.equal(lit[:, 0], torch.arange(512))
     rows, cols = lit[:, 1], lit[:, 2]
-    assert ((rows - 10).abs() <= classifier.MAX_SHIFT).all()
-    mirrored = (cols - (27 - 5)).abs() <= classifier.MAX_SHIFT
-    assert (mirrored | ((cols - 5).abs() <= classifier.MAX_SHIFT)).all()
+    assert ((rows - 10).abs() <= classifier_training.MAX_SHIFT).all()
+    mirrored = (cols - (27 - 5)).abs() <= classifier_training.MAX_SHIFT
+    assert (mirrored | ((cols - 5).abs() <= classifier_training.MAX_SHIFT)).all()
     assert 0.4 < mirrored.float().mean() < 0.6  # about half are mirrored
-    assert len(rows.unique()) == 2 * classifier.MAX_SHIFT + 1  # every shift occurs
+    assert len(rows.unique()) == 2 * classifier_training.MAX_SHIFT + 1  # every shift occurs
 
 
 def test_train_classifier_command_saves_a_loadable_model_and_its_record(tmp_path, capsys):
     (tmp_path / "data").mkdir()
-    data_dir = write_synthetic_fashion_mnist(tmp_path / "data", num_train=2 * classifier.BATCH_SIZE, num_test=40)
+    data_dir = write_synthetic_fashion_mnist(tmp_path / "data", num_train=2 * classifier_training.BATCH_SIZE,
+                                             num_test=40)
     out = tmp_path / "classifier"
     code = main(["train-classifier", "--out", str(out), "--epochs", "1", "--data_dir", data_dir, "--quiet"])
     captured = capsys.readouterr()
@@ -101,9 +103,9 @@ def test_train_classifier_command_saves_a_loadable_model_and_its_record(tmp_path
 
 
 def test_training_is_reproducible_from_its_seed(tmp_path):
-    data_dir = write_synthetic_fashion_mnist(tmp_path, num_train=classifier.BATCH_SIZE, num_test=10)
-    first, _ = classifier.train_classifier(1, data_dir, seed=3, progress=False)
-    second, _ = classifier.train_classifier(1, data_dir, seed=3, progress=False)
+    data_dir = write_synthetic_fashion_mnist(tmp_path, num_train=classifier_training.BATCH_SIZE, num_test=10)
+    first, _ = classifier_training.train_classifier(1, data_dir, seed=3, progress=False)
+    second, _ = classifier_training.train_classifier(1, data_dir, seed=3, progress=False)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
@@ -120,20 +122,95 @@ def test_train_classifier_command_refuses_bad_input_before_training(out, epochs,
     assert not (tmp_path / out).exists()
 
 
-def test_out_that_is_a_file_is_refused(tmp_path):
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     existing = tmp_path / "file"
     existing.write_text("")
-    with pytest.raises(ValueError, match="not a directory"):
-        classifier.check_output_dir(existing)
+    code = main(["train-classifier", "--out", str(existing), "--epochs", "1", "--data_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a directory" in err and len(err.strip().splitlines()) == 1
+    assert existing.read_text() == ""
 
 
 def test_train_classifier_refuses_bad_epochs_and_seed():
     with pytest.raises(ValueError, match="epochs"):
-        classifier.train_classifier(0)
+        classifier_training.train_classifier(0)
     with pytest.raises(ValueError, match="seed"):
-        classifier.train_classifier(1, seed=-1)
+        classifier_training.train_classifier(1, seed=-1)
 
 
 def test_missing_classifier_folder_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-classifier"):
         classifier.load_classifier(tmp_path)
+
+
+# ---- issue 12: the shipped classifier is never replaced; --out appears only when the model is saved -------------
+
+def _snapshot_shipped():
+    return {path.name: path.read_bytes() for path in classifier.WEIGHTS_DIR.iterdir()}
+
+
+def test_default_out_is_a_new_folder_in_the_working_directory_not_the_shipped_weights():
+    from ddpm_fashion.cli import build_parser
+
+    args = build_parser().parse_args(["train-classifier"])
+    assert args.out == "fmnist-classifier"
+    assert not classifier.WEIGHTS_DIR.resolve().is_relative_to(Path(args.out).resolve())
+
+
+@pytest.mark.parametrize("out", [classifier.WEIGHTS_DIR, classifier.SHIPPED_WEIGHTS,
+                                 classifier.WEIGHTS_DIR / "retrained"])
+def test_out_in_the_shipped_weights_is_refused_before_training(out, tmp_path, capsys, monkeypatch):
+    before = _snapshot_shipped()
+    monkeypatch.setattr(classifier_training, "train_classifier", lambda *a, **k: pytest.fail("trained"))
+    code = main(["train-classifier", "--out", str(out), "--epochs", "1", "--data_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "would overwrite" in err and "ships with ddpm_fashion" in err
+    assert _snapshot_shipped() == before and not (classifier.WEIGHTS_DIR / "retrained").exists()
+
+
+def test_an_existing_non_empty_out_is_refused_and_left_alone(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(classifier_training, "train_classifier", lambda *a, **k: pytest.fail("trained"))
+    code = main(["train-classifier", "--out", str(out), "--epochs", "1", "--data_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not empty" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_split_smaller_than_one_batch_is_refused_and_nothing_is_created(tmp_path, capsys):
+    data_dir = write_synthetic_fashion_mnist(tmp_path, num_train=100, num_test=20)
+    out = tmp_path / "classifier"
+    code = main(["train-classifier", "--out", str(out), "--epochs", "1", "--data_dir", data_dir, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the training split has 100 images, fewer than one batch of 128" in err and "no optimizer step" in err
+    assert not out.exists() and not any(path.name.startswith(".") for path in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "99999999999999999999"], "argument --seed: must be an integer from 0 to 4294967295"),
+    (["--seed", "-3"], "argument --seed: must be an integer from 0 to 4294967295"),
+    (["--data_dir", "nowhere"], "data_dir"),
+])
+def test_bad_seed_or_data_leave_no_out_folder_behind(argv, message, tmp_path, capsys):
+    out = tmp_path / "classifier"
+    code = main(["train-classifier", "--out", str(out), "--epochs", "1", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_while_training_leaves_no_out_folder_behind(tmp_path, capsys, monkeypatch):
+    data_dir = write_synthetic_fashion_mnist(tmp_path, num_train=classifier_training.BATCH_SIZE, num_test=10)
+    out = tmp_path / "classifier"
+
+    def fail(*args, **kwargs):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(classifier_training, "augment", fail)
+    code = main(["train-classifier", "--out", str(out), "--epochs", "1", "--data_dir", data_dir, "--quiet"])
+    assert code == 2 and "broken on purpose" in capsys.readouterr().err
+    assert not out.exists() and not any(path.name.startswith(".") for path in tmp_path.iterdir())

@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from PIL import Image
 
 from conftest import write_synthetic_fashion_mnist
-from ddpm_fashion import compare, sampling
+from ddpm_fashion import compare, reverse_process_gif, sampling, saved_pipeline
 from ddpm_fashion.cli import main
 from ddpm_fashion.figures import SCHEDULES, noised_images, one_per_class, schedule_curves
 from ddpm_fashion.scheduler import DDPMScheduler
@@ -60,7 +60,7 @@ def run_cli(argv, capsys):
 
 @pytest.mark.parametrize("scheduler", ["diffusers", "own"])
 def test_generate_images_equals_ddpm_pipeline_call(model_dir, scheduler):
-    pipe = sampling.load_pipeline(model_dir, scheduler=scheduler, unet="diffusers", device="cpu")
+    pipe = saved_pipeline.load_pipeline(model_dir, scheduler=scheduler, unet="diffusers", device="cpu")
     ours = sampling.generate_images(pipe, 3, batch_size=3, num_inference_steps=4, seed=7, progress=False)
 
     library = DDPMPipeline.from_pretrained(model_dir, local_files_only=True)
@@ -72,7 +72,7 @@ def test_generate_images_equals_ddpm_pipeline_call(model_dir, scheduler):
 
 
 def test_generate_images_in_batches_is_seeded_and_bounded_to_unit_range(model_dir):
-    pipe = sampling.load_pipeline(model_dir, device="cpu")
+    pipe = saved_pipeline.load_pipeline(model_dir, device="cpu")
     five = sampling.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
     again = sampling.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
     first_batch = sampling.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=1, progress=False)
@@ -86,11 +86,12 @@ def test_generate_images_in_batches_is_seeded_and_bounded_to_unit_range(model_di
 
 
 def test_load_pipeline_builds_the_requested_scheduler_and_unet(model_dir):
-    own = sampling.load_pipeline(model_dir, scheduler="own", unet="own", device="cpu")
+    own = saved_pipeline.load_pipeline(model_dir, scheduler="own", unet="own", device="cpu")
     assert isinstance(own.scheduler, DDPMScheduler) and isinstance(own.unet, UNet)
-    ddim = sampling.load_pipeline(model_dir, scheduler="ddim", device="cpu")
+    ddim = saved_pipeline.load_pipeline(model_dir, scheduler="ddim", device="cpu")
     assert isinstance(ddim.scheduler, DDIMScheduler) and isinstance(ddim.unet, UNet2DModel)
-    dpm = sampling.load_pipeline(model_dir, scheduler="dpm", device="cpu")
+    assert own.scheduler.config.clip_sample and not ddim.scheduler.config.clip_sample  # DDIM does not clip x_0
+    dpm = saved_pipeline.load_pipeline(model_dir, scheduler="dpm", device="cpu")
     assert isinstance(dpm.scheduler, DPMSolverMultistepScheduler)
     assert dpm.scheduler.config.algorithm_type == "dpmsolver++"
     # Every scheduler keeps the trained noise schedule.
@@ -100,7 +101,7 @@ def test_load_pipeline_builds_the_requested_scheduler_and_unet(model_dir):
 
 
 def test_generate_images_checks_inputs_before_running_the_unet(model_dir, monkeypatch):
-    pipe = sampling.load_pipeline(model_dir, device="cpu")
+    pipe = saved_pipeline.load_pipeline(model_dir, device="cpu")
     monkeypatch.setattr(pipe.unet, "forward", lambda *args, **kwargs: pytest.fail("the U-Net ran on bad input"))
     for steps in (0, -1, 1001):
         with pytest.raises(ValueError, match="num_inference_steps must be between 1 and the 1000"):
@@ -112,10 +113,10 @@ def test_generate_images_checks_inputs_before_running_the_unet(model_dir, monkey
 
 
 def test_resolve_device():
-    assert sampling.resolve_device("cpu") == torch.device("cpu")
-    assert sampling.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert saved_pipeline.resolve_device("cpu") == torch.device("cpu")
+    assert saved_pipeline.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="device 'tpu' is not supported; choose one of: auto, cpu, cuda"):
-        sampling.resolve_device("tpu")
+        saved_pipeline.resolve_device("tpu")
 
 
 def test_predicted_original_matches_the_library_step():
@@ -128,10 +129,10 @@ def test_predicted_original_matches_the_library_step():
 
 
 def test_gif_frame_steps_spread_over_the_run_and_keep_both_ends():
-    steps = sampling.gif_frame_steps(1000)
-    assert len(steps) == sampling.MAX_GIF_FRAMES and steps[0] == 0 and steps[-1] == 999
-    assert sampling.gif_frame_steps(5) == [0, 1, 2, 3, 4]
-    assert sampling.gif_frame_steps(1) == [0]
+    steps = reverse_process_gif.gif_frame_steps(1000)
+    assert len(steps) == reverse_process_gif.MAX_GIF_FRAMES and steps[0] == 0 and steps[-1] == 999
+    assert reverse_process_gif.gif_frame_steps(5) == [0, 1, 2, 3, 4]
+    assert reverse_process_gif.gif_frame_steps(1) == [0]
 
 
 # ---- sample ----------------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def test_compare_reports_identical_images_for_all_four_combinations(model_dir, t
     own_unets = []
 
     def load_and_keep_own_unet(*args, **kwargs):
-        pipe = sampling.load_pipeline(*args, **kwargs)
+        pipe = saved_pipeline.load_pipeline(*args, **kwargs)
         if isinstance(pipe.unet, UNet):
             own_unets.append(pipe.unet)
         return pipe
@@ -206,7 +207,7 @@ def test_compare_reports_identical_images_for_all_four_combinations(model_dir, t
 
 def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys, monkeypatch):
     def load_with_perturbed_own_unet(*args, **kwargs):
-        pipe = sampling.load_pipeline(*args, **kwargs)
+        pipe = saved_pipeline.load_pipeline(*args, **kwargs)
         if isinstance(pipe.unet, UNet):
             with torch.no_grad():
                 pipe.unet.conv_out.bias.add_(0.1)
@@ -432,3 +433,277 @@ def test_readme_unet_conversion_snippet_runs(model_dir, tmp_path, monkeypatch):
     original = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
     for (name, a), b in zip(original.state_dict().items(), copy.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+# ---- issue 12: nothing a user made is lost; one-line errors for bad models, seeds and sizes ---------------------
+
+def _copy_model(model_dir, tmp_path, name="model"):
+    """A private copy of the tiny pipeline, so a case that damages it cannot damage the others."""
+    folder = tmp_path / name
+    shutil.copytree(model_dir, folder)
+    return folder
+
+
+def _snapshot(folder):
+    """Every file under a folder with its bytes."""
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+
+
+SHIPPED_WEIGHTS = REPO_ROOT / "ddpm_fashion" / "weights"
+PROTECTED_OUTPUTS = {
+    "compare --json the index": lambda m: ["compare", "--model", m, "--json", m / "model_index.json"],
+    "compare --out the samples picture": lambda m: ["compare", "--model", m, "--out", m / "samples.png"],
+    "compare --json in unet/": lambda m: ["compare", "--model", m, "--json", m / "unet" / "config.json"],
+    "sample --out the samples picture": lambda m: ["sample", "--model", m, "--out", m / "samples.png"],
+    "sample --out the loss curve": lambda m: ["sample", "--model", m, "--out", m / "loss.png"],
+    "sample --gif inside scheduler/": lambda m: ["sample", "--model", m, "--gif", m / "scheduler" / "r.gif"],
+    "evaluate --json the index": lambda m: ["evaluate", "--model", m, "--json", m / "model_index.json"],
+    "evaluate --samples_file the weights": lambda m: ["evaluate", "--model", m, "--samples_file",
+                                                      m / "unet" / "diffusion_pytorch_model.safetensors"],
+    "sample --out into the shipped weights": lambda m: ["sample", "--model", m, "--out", SHIPPED_WEIGHTS / "x.png"],
+    "forward --out into the shipped weights": lambda m: ["forward", "--out", SHIPPED_WEIGHTS / "fmnist_classifier"
+                                                         / "x.png"],
+    "evaluate real-train --json into the shipped weights": lambda m: [
+        "evaluate", "--model", "real-train", "--json", SHIPPED_WEIGHTS / "fmnist_classifier" / "config.json"],
+}
+
+
+@pytest.mark.parametrize("case", PROTECTED_OUTPUTS)
+def test_no_output_may_replace_a_file_of_the_model_or_the_shipped_weights(model_dir, tmp_path, capsys, monkeypatch,
+                                                                          case):
+    model = _copy_model(model_dir, tmp_path)
+    (model / "samples.png").write_bytes(b"the trainer's samples")
+    (model / "loss.png").write_bytes(b"the trainer's loss curve")
+    monkeypatch.chdir(tmp_path)  # default outputs (forward.png, samples.png) land here, not in the repository
+    model_before, shipped_before = _snapshot(model), _snapshot(SHIPPED_WEIGHTS)
+    argv = PROTECTED_OUTPUTS[case](model) + ["--num_inference_steps" if "forward" not in case else "--dpi", 20]
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and "would overwrite" in stderr and "Traceback" not in stderr, stderr
+    assert _snapshot(model) == model_before and _snapshot(SHIPPED_WEIGHTS) == shipped_before
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # nothing written anywhere
+
+
+def test_a_new_picture_beside_the_model_is_fine(model_dir, tmp_path, capsys):
+    model = _copy_model(model_dir, tmp_path)
+    before = _snapshot(model)
+    code, _, stderr = run_cli(["sample", "--model", model, "--num_inference_steps", 2, "--num_images", 2,
+                               "--out", model / "my-samples.png"], capsys)
+    assert code == 0, stderr
+    assert set(_snapshot(model)) == set(before) | {Path("my-samples.png")}
+
+
+BIG_SEED = "99999999999999999999"
+SEED_COMMANDS = {
+    "sample": lambda m, t: ["sample", "--model", m, "--out", t / "s.png"],
+    "compare": lambda m, t: ["compare", "--model", m],
+    "forward": lambda m, t: ["forward", "--out", t / "f.png"],
+    "evaluate": lambda m, t: ["evaluate", "--model", m],
+    "evaluate real-train": lambda m, t: ["evaluate", "--model", "real-train"],
+    "train-classifier": lambda m, t: ["train-classifier", "--out", t / "classifier"],
+}
+
+
+@pytest.mark.parametrize("seed", [BIG_SEED, "-1", "4294967296"])
+@pytest.mark.parametrize("command", SEED_COMMANDS)
+def test_a_seed_out_of_range_is_one_line_naming_seed_and_its_range(model_dir, tmp_path, capsys, command, seed):
+    code, _, stderr = run_cli([*SEED_COMMANDS[command](model_dir, tmp_path), "--seed", seed], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"argument --seed: must be an integer from 0 to 4294967295, got {seed}" in stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_library_functions_refuse_a_seed_torch_cannot_take(model_dir):
+    pipe = saved_pipeline.load_pipeline(model_dir, device="cpu")
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 4294967295"):
+        sampling.generate_images(pipe, 1, num_inference_steps=1, seed=int(BIG_SEED), progress=False)
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 4294967295"):
+        compare.run_comparison(model_dir, 1, 1, seed=-1, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("scheduler/scheduler_config.json", "[1]"),
+    ("scheduler/scheduler_config.json", '"DDPMScheduler"'),
+    ("unet/config.json", "[16, 32]"),
+    ("unet/config.json", "null"),
+    ("model_index.json", "[]"),
+    ("unet/config.json", "{not json"),
+])
+@pytest.mark.parametrize("command", ["sample", "compare"])
+def test_a_config_file_that_is_not_an_object_is_named_in_one_line(model_dir, tmp_path, capsys, name, content,
+                                                                   command):
+    import warnings
+
+    model = _copy_model(model_dir, tmp_path)
+    (model / name).write_text(content)
+    argv = [command, "--model", model, "--num_inference_steps", 2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, stdout, stderr = run_cli(argv + (["--out", tmp_path / "s.png"] if command == "sample" else []), capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert str(model / name) in stderr and ("JSON object" in stderr or "not valid JSON" in stderr), stderr
+    assert "huggingface" not in stderr.lower() and "connect" not in stderr
+    assert not [warning for warning in caught if issubclass(warning.category, FutureWarning)]
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def _with_non_finite_weights(model_dir, tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(model_dir, tmp_path)
+    weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[:3] = value
+    save_file(weights, weights_file)
+    return model
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("command, unet", [("sample", "diffusers"), ("sample", "own"), ("compare", None),
+                                           ("evaluate", None)])
+def test_non_finite_weights_are_refused_in_one_line_and_nothing_is_written(model_dir, tmp_path, capsys, value,
+                                                                           command, unet):
+    model = _with_non_finite_weights(model_dir, tmp_path, value)
+    options = {"sample": ["--out", tmp_path / "s.png", "--unet", unet, "--num_images", 2],
+               "compare": ["--json", tmp_path / "r.json", "--out", tmp_path / "c.png", "--num_images", 2],
+               "evaluate": ["--json", tmp_path / "r.json", "--samples_file", tmp_path / "s.safetensors",
+                            "--num_samples", 10]}[command]
+    code, stdout, stderr = run_cli([command, "--model", model, "--num_inference_steps", 2, *options], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "the model's weights are not finite (3 of" in stderr
+    assert "diffusion_pytorch_model.safetensors" in stderr and "differ from the library" not in stderr
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+@pytest.mark.parametrize("scheduler", ["own", "diffusers", "ddim"])
+def test_non_finite_samples_from_finite_weights_are_refused(model_dir, tmp_path, capsys, scheduler):
+    model = _copy_model(model_dir, tmp_path)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    # beta > 1 makes alpha = 1 - beta negative, and sqrt(alpha-bar) NaN: a broken config, not broken weights.
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "beta_start": 2.0, "beta_end": 2.0}))
+    code, _, stderr = run_cli(["sample", "--model", model, "--scheduler", scheduler, "--num_inference_steps", 2,
+                               "--num_images", 2, "--out", tmp_path / "s.png"], capsys)
+    error = stderr.strip().splitlines()[-1]  # after the progress bar of the steps that ran
+    assert code == 2 and "Traceback" not in stderr and error.startswith("ddpm-fashion sample: error: "), stderr
+    assert "NaN or infinite values in batch 0" in error and "scheduler config" in error, stderr
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no black picture
+
+
+def test_compare_with_non_finite_samples_writes_no_report(model_dir, tmp_path, capsys):
+    model = _copy_model(model_dir, tmp_path)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "beta_start": 2.0, "beta_end": 2.0}))
+    code, _, stderr = run_cli(["compare", "--model", model, "--num_inference_steps", 2, "--num_images", 2,
+                               "--json", tmp_path / "r.json"], capsys)
+    assert code == 2 and "NaN or infinite" in stderr and "differ from the library" not in stderr, stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+HUGE = 1_000_000_000
+ABSURD_SIZES = {
+    "sample batch": (lambda m: ["sample", "--model", m, "--num_images", HUGE, "--batch_size", HUGE],
+                     r"a batch of 1000000000 images needs about [\d.]+ TB of memory, .* lower --batch_size$"),
+    "sample images": (lambda m: ["sample", "--model", m, "--num_images", HUGE],
+                      r"keeping 1000000000 images needs about [\d.]+ TB of memory, .* lower --num_images$"),
+    "compare images": (lambda m: ["compare", "--model", m, "--num_images", HUGE],
+                       r"a batch of 1000000000 images needs about .* lower --num_images$"),
+    "evaluate batch": (lambda m: ["evaluate", "--model", m, "--num_samples", HUGE, "--batch_size", HUGE],
+                       r"a batch of 1000000000 images needs about .* lower --batch_size$"),
+    "evaluate samples": (lambda m: ["evaluate", "--model", m, "--num_samples", HUGE],
+                         r"keeping 1000000000 images needs about .* lower --num_samples$"),
+}
+
+
+@pytest.mark.parametrize("case", ABSURD_SIZES)
+def test_absurd_sizes_are_refused_up_front_naming_the_option(model_dir, tmp_path, capsys, monkeypatch, case):
+    make_args, message = ABSURD_SIZES[case]
+    monkeypatch.setattr(sampling, "denoise", lambda *args, **kwargs: pytest.fail("sampled before checking sizes"))
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli([*make_args(model_dir), "--num_inference_steps", 2, "--device", "cpu"], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert re.search(message, stderr.strip()), stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_too_large_for_one_image_names_its_sample_size(model_dir, tmp_path, capsys):
+    model = _copy_model(model_dir, tmp_path)
+    config_file = model / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sample_size": 100000}))
+    for command in ("sample", "compare"):
+        code, _, stderr = run_cli([command, "--model", model, "--num_inference_steps", 2, "--num_images", 1], capsys)
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert "one image of this model (sample_size 100000 in unet/config.json) needs about" in stderr, stderr
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+@pytest.mark.parametrize("dpi", ["100000", "0", "19", "601"])
+def test_forward_dpi_outside_its_range_is_refused(tmp_path, capsys, dpi):
+    code, _, stderr = run_cli(["forward", "--out", tmp_path / "f.png", "--dpi", dpi], capsys)
+    assert code == 2 and f"argument --dpi: must be an integer from 20 to 600, got {dpi}" in stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line_naming_the_option_to_lower(model_dir, tmp_path, capsys, monkeypatch, error):
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sampling, "generate_images", out_of_memory)
+    code, _, stderr = run_cli(["sample", "--model", model_dir, "--num_inference_steps", 2,
+                               "--out", tmp_path / "s.png"], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith("ddpm-fashion sample: error: out of memory") and stderr.strip().endswith(
+        "lower --batch_size"), stderr
+    if not isinstance(error, MemoryError):
+        assert re.search(r"\([Tt]ried to allocate [0-9.]+ (bytes|GiB)\)", stderr), stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_runtime_errors_still_show_their_traceback(model_dir, tmp_path, capsys, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug, not a size")
+
+    monkeypatch.setattr(sampling, "generate_images", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["sample", "--model", str(model_dir), "--num_inference_steps", "2", "--out", str(tmp_path / "s.png")])
+
+
+def test_unet_memory_estimate_grows_with_batch_size_image_size_and_training():
+    from ddpm_fashion.resources import FLOAT_BYTES, estimate_unet_bytes
+
+    config = {"sample_size": 32, "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 8,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "add_attention": False}
+    one, eight = estimate_unet_bytes(config, 1), estimate_unet_bytes(config, 8)
+    assert eight > one and (eight - one) == 7 * (estimate_unet_bytes(config, 2) - one)  # linear in the batch
+    assert estimate_unet_bytes(config, 8, training=True) > 2 * eight
+    assert estimate_unet_bytes({**config, "sample_size": 64}, 8) > 4 * (eight - one)
+    # At least the attention scores of the 16x16 level: 64/8 heads x 256 x 256 tokens per image, and their softmax.
+    assert (eight - one) / 7 >= FLOAT_BYTES * 2 * 8 * 256 * 256
+    assert estimate_unet_bytes({**config, "sample_size": [32, 16]}, 1) < one
+    with pytest.raises(ValueError, match="sample_size must be a positive integer or a pair"):
+        estimate_unet_bytes({**config, "sample_size": None}, 1)
+
+
+def test_check_memory_names_the_option_only_when_it_does_not_fit():
+    from ddpm_fashion.resources import available_memory, check_memory
+
+    free = available_memory(torch.device("cpu"))
+    check_memory(1000, "cpu", "a little", "--batch_size")
+    with pytest.raises(ValueError, match=r"^a lot needs about .* of memory, more than the .* free on cpu; lower --x$"):
+        check_memory(2 * free, "cpu", "a lot", "--x")
+
+
+def test_an_output_that_is_a_link_to_a_model_file_is_refused(model_dir, tmp_path, capsys):
+    model = _copy_model(model_dir, tmp_path)
+    link = tmp_path / "report.json"
+    link.symlink_to(model / "model_index.json")
+    before = _snapshot(model)
+    code, _, stderr = run_cli(["compare", "--model", model, "--json", link, "--num_inference_steps", 2], capsys)
+    assert code == 2 and "would overwrite" in stderr and stderr.count("\n") == 1, stderr
+    assert _snapshot(model) == before and link.is_symlink()

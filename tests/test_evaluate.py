@@ -11,9 +11,11 @@ from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from torchvision.transforms.functional import gaussian_blur
 
 from conftest import load_benchmark
-from ddpm_fashion import evaluate
+from ddpm_fashion import evaluate, features, metrics, pictures, samples_file
 from ddpm_fashion.cli import main
 from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
+from ddpm_fashion.precision_recall import precision_recall
+from ddpm_fashion.reference_cache import CACHE_ENV, reference_features
 
 NUM_IMAGES = 1000  # enough for stable FID ranks of a 128-d feature, few enough to stay fast
 JSON_KEYS = {"fid", "features", "num_samples", "reference", "sampler", "num_inference_steps", "precision", "recall",
@@ -90,13 +92,13 @@ def test_generated_32px_images_are_cropped_to_the_data_before_scoring(evaluator,
 def test_frechet_distance_is_torchmetrics_fid_on_the_extractor(evaluator, real_images):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    images = evaluate.to_uint8_images(real_images[:300])
+    images = pictures.to_uint8_images(real_images[:300])
     library = FrechetInceptionDistance(feature=evaluator.extractor)  # torchmetrics runs the extractor itself
-    library.update(evaluate.to_uint8_images(real_images[300:700]), real=True)
+    library.update(pictures.to_uint8_images(real_images[300:700]), real=True)
     library.update(images, real=False)
-    ours = evaluate.frechet_distance(evaluate.extract_features(evaluator.extractor, images),
-                                     evaluate.extract_features(evaluator.extractor,
-                                                               evaluate.to_uint8_images(real_images[300:700])))
+    ours = metrics.frechet_distance(features.extract_features(evaluator.extractor, images),
+                                     features.extract_features(evaluator.extractor,
+                                                               pictures.to_uint8_images(real_images[300:700])))
     assert ours == pytest.approx(library.compute().item(), rel=1e-5)
 
 
@@ -105,36 +107,36 @@ def test_precision_recall_follows_the_k_nearest_neighbour_definition():
     reference = torch.arange(10.0)[:, None]
     inside = torch.tensor([[2.5], [7.0], [-3.0], [11.0]])
     half_outside = torch.tensor([[2.5], [30.0], [7.0], [-20.0]])
-    assert evaluate.precision_recall(inside, reference)["precision"] == 1.0
-    assert evaluate.precision_recall(half_outside, reference)["precision"] == 0.5
+    assert precision_recall(inside, reference)["precision"] == 1.0
+    assert precision_recall(half_outside, reference)["precision"] == 0.5
     # Recall: reference points inside balls around the generated points (radius: the 3rd neighbour among them).
-    assert evaluate.precision_recall(torch.arange(0.0, 10.0, 2.0)[:, None], reference)["recall"] == 1.0
+    assert precision_recall(torch.arange(0.0, 10.0, 2.0)[:, None], reference)["recall"] == 1.0
     clustered = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4]])  # radii 0.2 to 0.3: only point 0 is covered
-    assert evaluate.precision_recall(clustered, reference)["recall"] == pytest.approx(0.1)
+    assert precision_recall(clustered, reference)["recall"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="at least 4"):
-        evaluate.precision_recall(inside[:3], reference)
+        precision_recall(inside[:3], reference)
 
 
 def test_class_histogram_and_its_kl_from_uniform():
-    balanced = evaluate.class_histogram(torch.arange(100) % 10)
+    balanced = metrics.class_histogram(torch.arange(100) % 10)
     assert balanced.tolist() == [0.1] * 10
-    assert evaluate.kl_from_uniform(balanced) == pytest.approx(0.0, abs=1e-12)
-    single = evaluate.class_histogram(torch.full((7,), 3))
-    assert evaluate.kl_from_uniform(single) == pytest.approx(math.log(10))
-    halves = evaluate.class_histogram(torch.tensor([6, 8]))  # half "Shirt", half "Bag"
-    assert evaluate.kl_from_uniform(halves) == pytest.approx(math.log(5))
+    assert metrics.kl_from_uniform(balanced) == pytest.approx(0.0, abs=1e-12)
+    single = metrics.class_histogram(torch.full((7,), 3))
+    assert metrics.kl_from_uniform(single) == pytest.approx(math.log(10))
+    halves = metrics.class_histogram(torch.tensor([6, 8]))  # half "Shirt", half "Bag"
+    assert metrics.kl_from_uniform(halves) == pytest.approx(math.log(5))
 
 
 def test_reference_features_are_cached_by_extractor_split_and_data(evaluator, real_data_dir, reference_cache):
     files = sorted(reference_cache.glob("reference-*.safetensors"))
     assert [path.name.split("-")[1] for path in files] == ["fmnist"]
     assert f"-{evaluator.reference_split}-" in files[0].name
-    cached = evaluate.reference_features(evaluator.extractor, "test", real_data_dir, cache=reference_cache)
+    cached = reference_features(evaluator.extractor, "test", real_data_dir, cache=reference_cache)
     assert torch.equal(cached, evaluator.reference)
     assert evaluator.reference.shape == (len(load_fashion_mnist("test", real_data_dir)[0]), evaluator.extractor.num_features)
     # A damaged cache file is recomputed and replaced, never trusted.
     files[0].write_bytes(b"not safetensors")
-    recomputed = evaluate.reference_features(evaluator.extractor, "test", real_data_dir, cache=reference_cache)
+    recomputed = reference_features(evaluator.extractor, "test", real_data_dir, cache=reference_cache)
     torch.testing.assert_close(recomputed, evaluator.reference, rtol=1e-5, atol=1e-5)
     assert not any(path.name.startswith(".") for path in reference_cache.iterdir())
 
@@ -159,7 +161,7 @@ def run_cli(argv, capsys):
 
 def test_evaluate_real_train_writes_the_report_and_protocol(real_data_dir, reference_cache, tmp_path, capsys,
                                                             monkeypatch):
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
     report_path = tmp_path / "report.json"
     code, out, err = run_cli(["evaluate", "--model", "real-train", "--num_samples", 500, "--json", report_path,
                               "--data_dir", real_data_dir, "--device", "cpu"], capsys)
@@ -188,7 +190,7 @@ def tiny_pipeline(tmp_path_factory):
 
 def test_evaluate_generated_images_reports_sampler_and_speed(tiny_pipeline, real_data_dir, reference_cache, tmp_path,
                                                              capsys, monkeypatch):
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
     report_path = tmp_path / "report.json"
     code, out, err = run_cli(["evaluate", "--model", tiny_pipeline, "--num_samples", 20, "--scheduler", "ddim",
                               "--num_inference_steps", 2, "--batch_size", 10, "--json", report_path,
@@ -211,7 +213,7 @@ def test_evaluate_generated_images_reports_sampler_and_speed(tiny_pipeline, real
 ])
 def test_evaluate_refuses_bad_input_in_one_line(argv, message, real_data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached Inception weights to fall back to
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     code, out, err = run_cli(["evaluate", "--model", "real-train", "--num_samples", 20, "--data_dir", real_data_dir,
                               "--device", "cpu", *argv], capsys)
     assert code == 2
@@ -223,13 +225,13 @@ def test_inception_weights_that_are_not_a_plain_state_dict_are_refused_unread(tm
     pickled = tmp_path / "weights.pth"
     torch.save({"conv": torch.zeros(1), "payload": Fraction(1, 3)}, pickled)  # only full unpickling can read it
     with pytest.raises(ValueError, match="tensors-only state dict"):
-        evaluate.InceptionFeatures(str(pickled))
+        features.InceptionFeatures(str(pickled))
     wrong = tmp_path / "wrong.safetensors"
     from safetensors.torch import save_file
 
     save_file({"conv": torch.zeros(1)}, wrong)
     with pytest.raises(ValueError, match="does not hold FID InceptionV3 weights"):
-        evaluate.InceptionFeatures(str(wrong))
+        features.InceptionFeatures(str(wrong))
 
 
 def test_inception_features_equal_torchmetrics_standard_extractor(tmp_path, monkeypatch):
@@ -247,7 +249,7 @@ def test_inception_features_equal_torchmetrics_standard_extractor(tmp_path, monk
     save_file({name: tensor.contiguous() for name, tensor in library.state_dict().items()}, weights)
 
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
-    ours = evaluate.InceptionFeatures(str(weights))
+    ours = features.InceptionFeatures(str(weights))
     assert ours.num_features == 2048 and "antialias=True" in ours.description
     torch.testing.assert_close(ours(images), library(images.repeat(1, 3, 1, 1)), rtol=0, atol=0)
 
@@ -255,7 +257,8 @@ def test_inception_features_equal_torchmetrics_standard_extractor(tmp_path, monk
 # ---- saved samples: a long sampling run continues where it stopped ---------------------------------------------
 
 def test_generate_images_resumed_after_any_whole_batch_equals_the_uninterrupted_run(tiny_pipeline):
-    from ddpm_fashion.sampling import generate_images, load_pipeline
+    from ddpm_fashion.sampling import generate_images
+    from ddpm_fashion.saved_pipeline import load_pipeline
 
     pipe = load_pipeline(tiny_pipeline, scheduler="own", device="cpu")
     uninterrupted = generate_images(pipe, 10, batch_size=4, num_inference_steps=3, seed=3, progress=False)
@@ -278,22 +281,22 @@ def test_evaluate_samples_file_continues_an_interrupted_run_with_identical_resul
 
     from ddpm_fashion import sampling
 
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
     common = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10,
               "--data_dir", real_data_dir, "--device", "cpu"]
     samples = tmp_path / "samples.safetensors"
-    save_samples = evaluate.save_samples
+    save_samples = samples_file.save_samples
 
     def save_then_stop(*args, **kwargs):
         save_samples(*args, **kwargs)
         raise KeyboardInterrupt  # Ctrl-C right after the first batch was saved
 
-    monkeypatch.setattr(evaluate, "save_samples", save_then_stop)
+    monkeypatch.setattr(samples_file, "save_samples", save_then_stop)
     code, _, err = run_cli(common + ["--num_samples", 30, "--samples_file", samples, "--json", tmp_path / "resumed.json"],
                            capsys)
     assert code == 130 and err.strip().splitlines()[-1] == ("ddpm-fashion evaluate: interrupted; rerun the same "
                                                             "command to continue from --samples_file")
-    monkeypatch.setattr(evaluate, "save_samples", save_samples)
+    monkeypatch.setattr(samples_file, "save_samples", save_samples)
     assert len(load_file(samples)["images"]) == 10 and not (tmp_path / "resumed.json").exists()
 
     code, _, err = run_cli(common + ["--num_samples", 30, "--samples_file", samples, "--json", tmp_path / "resumed.json"],
@@ -331,7 +334,7 @@ def test_evaluate_samples_file_continues_an_interrupted_run_with_identical_resul
 ])
 def test_evaluate_refuses_a_samples_file_of_other_settings_and_leaves_it_alone(
         change, message, tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
     monkeypatch.chdir(tmp_path)
     argv = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10, "--num_samples", 20,
             "--samples_file", "samples.safetensors", "--data_dir", real_data_dir, "--device", "cpu"]
@@ -352,7 +355,7 @@ def test_evaluate_refuses_a_samples_file_of_other_settings_and_leaves_it_alone(
 
 def test_evaluate_refuses_a_file_that_is_not_its_samples_and_never_overwrites_it(
         tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
     precious = tmp_path / "weights.safetensors"
     precious.write_bytes(b"the user's own file")
     code, _, err = run_cli(["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--num_samples", 10,
@@ -365,7 +368,7 @@ def test_fid_scale_benchmark_orders_each_degradation_ladder(tmp_path, real_data_
                                                             capsys):
     import sys
 
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(reference_cache))
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
     benchmark = load_benchmark("fid_scale")
     monkeypatch.setattr(sys, "argv", ["fid_scale.py", "--num_samples", "500", "--data_dir", real_data_dir,
                                       "--json", str(tmp_path / "scale.json")])
@@ -377,3 +380,76 @@ def test_fid_scale_benchmark_orders_each_degradation_ladder(tmp_path, real_data_
         fids = [rows[0]["fid"]] + [row["fid"] for row in rows if row["images"].startswith(prefix)]
         assert all(lower < higher for lower, higher in zip(fids, fids[1:])), (prefix, fids)
     assert "x floor" in capsys.readouterr().out
+
+
+# ---- issue 12: a samples file whose tensors are not what this model makes is refused and left alone -------------
+
+def _rewrite_samples(path, **tensors):
+    """Replace some tensors of a samples file, keeping its metadata (settings, format) as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+        saved = {name: handle.get_tensor(name) for name in handle.keys()}
+    save_file({**saved, **tensors}, path, metadata=metadata)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"generator_state": torch.zeros(100, dtype=torch.uint8)},
+     "its generator_state is torch.uint8 [100], a CPU generator's state is torch.uint8 [5056]"),
+    ({"generator_state": torch.zeros(5056, dtype=torch.int64)}, "its generator_state is torch.int64 [5056]"),
+    ({"images": torch.rand(10, 3, 32, 32)}, "its images have shape [10, 3, 32, 32], this model makes [N, 1, 32, 32]"),
+    ({"images": torch.rand(10, 1, 28, 28)}, "its images have shape [10, 1, 28, 28]"),
+    ({"images": torch.rand(10, 1, 32, 32, dtype=torch.float64)}, "its images are torch.float64"),
+    ({"images": torch.full((10, 1, 32, 32), float("nan"))}, "outside [0, 1] or NaN"),
+])
+def test_evaluate_refuses_a_samples_file_with_wrong_tensors_and_leaves_it_untouched(
+        tensors, message, tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
+    samples = tmp_path / "samples.safetensors"
+    argv = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10, "--num_samples", 20,
+            "--samples_file", samples, "--data_dir", real_data_dir, "--device", "cpu"]
+    save_samples = samples_file.save_samples
+
+    def save_then_stop(*args, **kwargs):
+        save_samples(*args, **kwargs)
+        raise KeyboardInterrupt  # one batch of 10 saved: a run to continue
+
+    monkeypatch.setattr(samples_file, "save_samples", save_then_stop)
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.setattr(samples_file, "save_samples", save_samples)
+    _rewrite_samples(samples, **tensors)
+    before = samples.read_bytes()
+    code, _, err = run_cli(argv + ["--json", tmp_path / "report.json"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "is not a samples file" in err and message in err, err
+    assert samples.read_bytes() == before and not (tmp_path / "report.json").exists()
+
+
+def test_a_reference_cache_inside_the_shipped_weights_is_not_written(evaluator, real_data_dir, capsys):
+    from ddpm_fashion.classifier import WEIGHTS_DIR
+
+    before = sorted(path.name for path in WEIGHTS_DIR.iterdir())
+    features = reference_features(evaluator.extractor, "test", real_data_dir, cache=WEIGHTS_DIR)
+    torch.testing.assert_close(features, evaluator.reference, rtol=1e-5, atol=1e-5)
+    assert sorted(path.name for path in WEIGHTS_DIR.iterdir()) == before
+    assert "not caching reference features" in capsys.readouterr().err
+
+
+def test_ddim_steps_benchmark_writes_a_row_per_setting_and_step_count(tiny_pipeline, real_data_dir, reference_cache,
+                                                                       tmp_path, capsys):
+    ddim_steps = load_benchmark("ddim_steps")
+    report = tmp_path / "ddim.json"
+    argv = ["--model", str(tiny_pipeline), "--settings", "inherited", "noclip", "--steps", "2", "4", "--num_samples",
+            "12", "--batch_size", "12", "--data_dir", real_data_dir, "--json", str(report)]
+    rows = ddim_steps.main(argv)
+    assert [(row["setting"], row["steps"]) for row in rows] == [
+        ("inherited", 2), ("inherited", 4), ("noclip", 2), ("noclip", 4)]
+    assert all(math.isfinite(row["fid"]) and row["fid"] > 0 for row in rows)
+    # the two settings really sample differently (clipping x_0 or not), from the same noise
+    assert rows[1]["fid"] != rows[3]["fid"]
+    assert [row["fid"] for row in json.loads(report.read_text())["rows"]] == [row["fid"] for row in rows]
+    # a second run continues the file and samples nothing again
+    assert ddim_steps.main(argv) == rows
+    assert "(from" in capsys.readouterr().out
