@@ -175,8 +175,17 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _locate(split: str, data_dir: Optional[str]):
-    """Find a split: ("idx", images_path, labels_path) or ("dataset", datasets.Dataset, source)."""
+class FoundSplit(NamedTuple):
+    """Where a split was found: two IDX files, or a `datasets.Dataset` and where it came from."""
+
+    images_path: Optional[Path] = None
+    labels_path: Optional[Path] = None
+    dataset: object = None
+    source: str = ""
+
+
+def _locate(split: str, data_dir: Optional[str]) -> FoundSplit:
+    """Find a split: its IDX file pair, or a `datasets.Dataset` (saved to disk or from the Hub)."""
     _check_split(split)
     if data_dir is not None:
         folder = Path(data_dir)
@@ -185,24 +194,24 @@ def _locate(split: str, data_dir: Optional[str]):
         for candidate in (folder, folder / TORCHVISION_SUBDIR):
             pair = _find_idx_pair(candidate, split) if candidate.is_dir() else None
             if pair is not None:
-                return ("idx", *pair)
+                return FoundSplit(*pair)
         saved = _saved_dataset(folder, split)
         if saved is not None:
-            return "dataset", saved, str(folder)
+            return FoundSplit(dataset=saved, source=str(folder))
         raise FileNotFoundError(f"data_dir {folder} holds neither the {split} IDX files nor a save_to_disk "
                                 f"dataset; {HOW_TO_GET_THE_DATA}")
     debian = Path(DEBIAN_DIR)
     if debian.is_dir():
         pair = _find_idx_pair(debian, split)
         if pair is not None:
-            return ("idx", *pair)
+            return FoundSplit(*pair)
     if _hub_is_offline():
         raise FileNotFoundError(f"FashionMNIST not found in {DEBIAN_DIR} and the Hub is offline; "
                                 f"{HOW_TO_GET_THE_DATA}")
     import datasets
 
     try:
-        return "dataset", datasets.load_dataset(HUB_DATASET_ID, split=split), HUB_DATASET_ID
+        return FoundSplit(dataset=datasets.load_dataset(HUB_DATASET_ID, split=split), source=HUB_DATASET_ID)
     except Exception as error:  # any failure here (no network, no such repo) means the third way failed too
         raise FileNotFoundError(f"FashionMNIST not found in {DEBIAN_DIR} and the Hub failed "
                                 f"({type(error).__name__}: {error}); {HOW_TO_GET_THE_DATA}") from error
@@ -211,10 +220,10 @@ def _locate(split: str, data_dir: Optional[str]):
 def load_fashion_mnist(split: str = "train", data_dir: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Get a whole FashionMNIST split as uint8 images [N, 28, 28] and int64 labels [N]."""
     found = _locate(split, data_dir)
-    if found[0] == "idx":
-        images, labels = _read_idx_split(found[1], found[2])
+    if found.dataset is None:
+        images, labels = _read_idx_split(found.images_path, found.labels_path)
     else:
-        images, labels = _dataset_to_arrays(found[1], found[2])
+        images, labels = _dataset_to_arrays(found.dataset, found.source)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -231,12 +240,12 @@ def fashion_mnist_dataset(split: str = "train", data_dir: Optional[str] = None):
 
     found = _locate(split, data_dir)
     features = fashion_mnist_features()
-    if found[0] == "idx":
-        images, labels = _read_idx_split(found[1], found[2])
+    if found.dataset is None:
+        images, labels = _read_idx_split(found.images_path, found.labels_path)
         # from_dict encodes each image as a PNG once (a few seconds for train); nothing is written to disk.
         return datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features,
                                           split=datasets.NamedSplit(split))
-    dataset, source = found[1], found[2]
+    dataset, source = found.dataset, found.source
     missing = {"image", "label"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"{source}: dataset lacks column(s) {sorted(missing)}; expected 'image' and 'label'")
