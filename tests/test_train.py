@@ -473,7 +473,10 @@ def test_ctrl_c_is_one_line_exit_130_naming_the_checkpoint_to_resume(tmp_path, t
     command = [sys.executable, str(SCRIPT), "--config", str(SMOKE), "--output_dir", str(output_dir),
                "--data_dir", str(train_data_dir), "--max_train_steps", "400", "--checkpointing_steps", "2",
                "--save_images_steps", "1000"]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored signal is inherited:
+    # give the trainer the default disposition, as a terminal would, so Python turns Ctrl-C into KeyboardInterrupt.
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (output_dir / "checkpoints" / "checkpoint-2").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint within 240 s"
