@@ -206,14 +206,9 @@ class FolderLock:
         """Take the lock, or raise a one-line ValueError naming the process that holds it."""
         handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            handle.seek(0)
-            holder = _describe_holder(handle.read())
+            _lock_or_name_holder(handle, self.what)
+        except BaseException:
             handle.close()
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ValueError(f"{self.what} is in use by another run ({holder}); wait for it to finish or "
-                                 "choose another folder") from None
             raise
         handle.seek(0)
         handle.truncate()
@@ -230,11 +225,7 @@ class FolderLock:
         if not path.is_file():
             return
         with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise ValueError(f"{what} is in use by another run ({_describe_holder(handle.read())}); wait for it "
-                                 "to finish or choose another folder") from None
+            _lock_or_name_holder(handle, what)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
     def release(self) -> None:
@@ -248,6 +239,18 @@ class FolderLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def _lock_or_name_holder(handle, what: str) -> None:
+    """Take the flock on an open lock file, or raise a one-line ValueError naming the process that holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        handle.seek(0)
+        raise ValueError(f"{what} is in use by another run ({_describe_holder(handle.read())}); wait for it to "
+                         "finish or choose another folder") from None
 
 
 def _describe_holder(text: str) -> str:
