@@ -31,8 +31,10 @@ from ddpm_fashion.config import CPU_CONFIG, config_to_yaml, parse_config, resume
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
 from ddpm_fashion.files import move_files_into, scratch_folder, staging_path
 from ddpm_fashion.model_card import plot_loss, write_model_card
+from ddpm_fashion.objective import loss_weights, sample_timesteps, training_target
 from ddpm_fashion.pictures import grid_tensor, image_grid
-from ddpm_fashion.resources import check_memory, configure_threads, estimate_unet_bytes, is_out_of_memory
+from ddpm_fashion.resources import (check_memory, configure_threads, estimate_unet_bytes, has_fast_bf16,
+                                    is_out_of_memory)
 from ddpm_fashion.scheduler import DDPMScheduler
 from ddpm_fashion.unet import UNet
 
@@ -60,15 +62,6 @@ def make_optimizer(config, model, device):
                              eps=config.adam_epsilon, fused=device.type in ("cpu", "cuda"))
 
 
-def training_target(config, noise_scheduler, clean, noise, timesteps):
-    """What the network learns to predict: eps (Ho et al. eq. 14), x_0, or v (Salimans & Ho 2022)."""
-    if config.prediction_type == "epsilon":
-        return noise
-    if config.prediction_type == "sample":
-        return clean
-    return noise_scheduler.get_velocity(clean, noise, timesteps)
-
-
 def global_batch_randomness(config, micro_step, global_size, num_timesteps, device):
     """Noise, timesteps and flips for the whole global batch, from a generator keyed by the micro-step.
 
@@ -77,7 +70,7 @@ def global_batch_randomness(config, micro_step, global_size, num_timesteps, devi
     """
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + micro_step)
     noise = torch.randn((global_size, 1, 32, 32), generator=generator, device=device)
-    timesteps = torch.randint(0, num_timesteps, (global_size,), generator=generator, device=device)
+    timesteps = sample_timesteps(config.timestep_sampling, global_size, num_timesteps, generator, device)
     flips = torch.rand(global_size, generator=generator, device=device) < 0.5
     return noise, timesteps, flips
 
@@ -185,12 +178,13 @@ def training_step(config, accelerator, model, optimizer, noise_scheduler, images
         noise, timesteps = noise[part], timesteps[part]
         clean = to_model_input(images[batch.indices], flip=flips[part] if config.random_flip else None)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # q(x_t | x_0), eq. (4)
-        target = training_target(config, noise_scheduler, clean, noise, timesteps)
+        target = training_target(config.prediction_type, noise_scheduler, clean, noise, timesteps)
         prediction = model(noisy, timesteps).sample
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = loss_weights(config.prediction_type, noise_scheduler, timesteps, config.snr_gamma)
         # Sum over this process's samples / global batch: averaged across processes this is the mean over the
         # global batch even when the last batch splits unevenly.
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        accelerator.backward(per_sample.sum() / batch.global_size * accelerator.num_processes)
+        accelerator.backward((weights * per_sample).sum() / batch.global_size * accelerator.num_processes)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -216,6 +210,9 @@ def train(config):
         log_with=None if config.logger == "none" else config.logger,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"))
     check_batch_sizes(config, len(images), accelerator.num_processes)
+    if config.mixed_precision == "bf16" and not has_fast_bf16(accelerator.device):
+        accelerator.print(f"note: this {accelerator.device.type} has no native bf16, so mixed_precision=bf16 may train "
+                          "slower than --mixed_precision no")
     check_memory(estimate_unet_bytes(config.unet, config.train_batch_size, training=True), accelerator.device,
                  f"a training step of train_batch_size {config.train_batch_size}", "--train_batch_size")
     check_memory(estimate_unet_bytes(config.unet, config.eval_batch_size), accelerator.device,

@@ -1,9 +1,11 @@
 """Training throughput: train_accelerate.py vs the approach of diffusers' examples/unconditional_image_generation.
 
     python benchmarks/train_speed.py [--steps 30] [--rounds 2] [--batch_size 64] [--launcher python|accelerate]
+        [--mixed_precision no|bf16]
 
 Both sides train the same UNet2DModel config (the issue's reference: (32, 64, 128), one resnet per level,
-attention at 16x16, GroupNorm 8 groups, 1 channel) at the same batch size in fp32, in one process, alternating
+attention at 16x16, GroupNorm 8 groups, 1 channel) at the same batch size and precision (fp32, or both under
+Accelerate's bf16 autocast with --mixed_precision bf16), in one process, alternating
 rounds so machine noise hits both. The reference is train_unconditional.py's loop: a DataLoader over the
 `datasets` FashionMNIST with torchvision transforms (Resize, CenterCrop, RandomHorizontalFlip, ToTensor,
 Normalize), UNet2DModel, diffusers' DDPMScheduler, AdamW (unfused, as there), cosine LR, EMAModel and gradient
@@ -44,7 +46,7 @@ UNET = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_chann
         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8}
 
 
-def reference_images_per_second(dataset, steps, batch_size):
+def reference_images_per_second(dataset, steps, batch_size, mixed_precision="no"):
     """diffusers' train_unconditional.py loop, reduced to what runs per step; img/s after warm-up."""
     augment = transforms.Compose([
         transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(32),
@@ -56,7 +58,7 @@ def reference_images_per_second(dataset, steps, batch_size):
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10_000)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     start = time.perf_counter()  # like ours, the clock covers data loading and every step of the loop
@@ -78,12 +80,13 @@ def reference_images_per_second(dataset, steps, batch_size):
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def ours_images_per_second(steps, batch_size, output_dir, launcher="python"):
+def ours_images_per_second(steps, batch_size, output_dir, launcher="python", mixed_precision="no"):
     """Run train_accelerate for `steps` steps in this process or under accelerate launch; returns its summary line."""
     args = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", output_dir, "--logger", "none",
             "--train_batch_size", str(batch_size), "--max_train_steps", str(steps),
             "--checkpointing_steps", "100000", "--save_images_steps", "100000", "--use_ema", "true",
-            "--learning_rate", "1e-4", "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1"]
+            "--learning_rate", "1e-4", "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1",
+            "--mixed_precision", mixed_precision]
     for key, value in UNET.items():
         args += [f"--unet.{key}", str(value)]
     if launcher == "accelerate":
@@ -110,9 +113,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the reference (and of ours in-process)")
     parser.add_argument("--launcher", choices=("python", "accelerate"), default="python",
                         help="run ours in this process, or through `accelerate launch` as the README does")
-    parser.add_argument("--ceiling", type=float, default=59.0,
-                        help="physical ceiling in img/s: 2.26 GFLOP per image per training step for this U-Net "
-                             "at 133 GFLOP/s (a large fp32 matmul on 2 cores of this machine) = ~59 img/s")
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no",
+                        help="both sides: fp32, or Accelerate's bf16 autocast (the examples' --mixed_precision bf16)")
+    parser.add_argument("--ceiling", type=float, default=None,
+                        help="optional fp32 ceiling in img/s to report shares of: FLOPs per image per training step "
+                             "(2.26 GFLOP for this U-Net) over a large fp32 matmul's rate on this machine's cores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DDPM_FASHION_NUM_THREADS", str(args.threads))  # ours in-process: the same threads
@@ -121,21 +126,24 @@ def main():
     for round_index in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            summary = ours_images_per_second(args.steps, args.batch_size, f"{tmp}/out", args.launcher)
+            summary = ours_images_per_second(args.steps, args.batch_size, f"{tmp}/out", args.launcher,
+                                             args.mixed_precision)
             total = time.perf_counter() - start
         match = re.search(r"done: \d+ steps, \d+ images seen, (\d+) s this session, ([\d.]+) img/s", summary)
         threads = re.search(r"(\d+) torch threads per process", summary)
         ours.append(float(match.group(2)))
-        reference.append(reference_images_per_second(dataset, args.steps, args.batch_size))
+        reference.append(reference_images_per_second(dataset, args.steps, args.batch_size, args.mixed_precision))
         print(f"round {round_index}: ours {ours[-1]:.1f} img/s ({args.launcher}, {threads.group(1)} threads; whole "
               f"script {total:.0f} s incl. start-up), "
               f"reference {reference[-1]:.1f} img/s", flush=True)
     ours_median, reference_median = statistics.median(ours), statistics.median(reference)
+    precision = "fp32" if args.mixed_precision == "no" else "bf16 autocast"
     print(f"train_accelerate.py: {ours_median:.1f} img/s   diffusers example approach: {reference_median:.1f} img/s"
-          f"   ratio {ours_median / reference_median:.2f}x   (batch {args.batch_size}, fp32, reference "
+          f"   ratio {ours_median / reference_median:.2f}x   (batch {args.batch_size}, {precision}, reference "
           f"{args.threads} threads, ours via {args.launcher})")
-    print(f"share of the {args.ceiling:.0f} img/s ceiling: ours {ours_median / args.ceiling:.0%}, "
-          f"reference {reference_median / args.ceiling:.0%}")
+    if args.ceiling:
+        print(f"share of the {args.ceiling:.0f} img/s fp32 ceiling: ours {ours_median / args.ceiling:.0%}, "
+              f"reference {reference_median / args.ceiling:.0%}")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ class TrainConfig:
     ddpm_num_inference_steps: int = 1000  # steps used for the sample grids
     ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "linear"
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    # The objective (ddpm_fashion/objective.py): min-SNR-gamma loss weights (diffusers' name; null = unweighted, as in
+    # Ho et al.) and how a batch's timesteps are drawn.
+    snr_gamma: Optional[float] = None
+    timestep_sampling: Literal["uniform", "stratified"] = "uniform"
     unet_impl: Literal["own", "diffusers"] = "own"
     scheduler_impl: Literal["own", "diffusers"] = "own"
     # The UNet2DModel config (same keys and defaults as diffusers); override one key with --unet.KEY VALUE.
@@ -125,6 +129,8 @@ def check_values(config: TrainConfig) -> None:
         if isinstance(getattr(config, f.name), float):
             check_finite(f.name, getattr(config, f.name))
     check_seed("seed", config.seed)
+    if config.snr_gamma is not None and not config.snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be positive (5 in Hang et al. 2023) or null, got {config.snr_gamma}")
     for name in ["learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")

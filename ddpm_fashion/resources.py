@@ -65,6 +65,13 @@ def configure_threads() -> Tuple[int, str]:
     return threads, why
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Tell whether bf16 matrix products run natively on the device (on a CPU: oneDNN's bf16 kernels, AVX-512 or AMX)."""
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
 def available_memory(device: torch.device) -> Optional[int]:
     """Get the bytes of memory free for tensors on a device (None if unknown)."""
     if device.type == "cuda":

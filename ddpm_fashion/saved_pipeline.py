@@ -17,7 +17,7 @@ from ddpm_fashion.checks import one_line, require_choice
 from ddpm_fashion.files import read_json_object
 from ddpm_fashion.scheduler import DDPMScheduler
 
-SCHEDULER_CHOICES = ("own", "diffusers", "ddim", "dpm")
+SCHEDULER_CHOICES = ("own", "diffusers", "ddim", "ddim-from-config", "dpm")
 UNET_CHOICES = ("own", "diffusers")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 INDEX_FILE = "model_index.json"
@@ -71,6 +71,8 @@ def build_scheduler(name: str, config) -> object:
         # Not DDPM's clip_sample=True, which from_config would inherit: clipping x_0 at every step of a deterministic
         # sampler compounds, and FID then rises with the step count (benchmarks/ddim_steps.py measures it).
         return DDIMScheduler.from_config(config, clip_sample=False)
+    if name == "ddim-from-config":
+        return DDIMScheduler.from_config(config)  # every option the saved config has, clip_sample included
     # DPM-Solver++ (the data-prediction form) is the variant recommended for sampling from a trained DDPM.
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
 

@@ -91,6 +91,9 @@ def test_load_pipeline_builds_the_requested_scheduler_and_unet(model_dir):
     ddim = saved_pipeline.load_pipeline(model_dir, scheduler="ddim", device="cpu")
     assert isinstance(ddim.scheduler, DDIMScheduler) and isinstance(ddim.unet, UNet2DModel)
     assert own.scheduler.config.clip_sample and not ddim.scheduler.config.clip_sample  # DDIM does not clip x_0
+    inherited = saved_pipeline.load_pipeline(model_dir, scheduler="ddim-from-config", device="cpu").scheduler
+    assert isinstance(inherited, DDIMScheduler) and inherited.config.clip_sample  # the user's choice: as from_config
+    assert dict(inherited.config) == dict(DDIMScheduler.from_config(own.scheduler.config).config)
     dpm = saved_pipeline.load_pipeline(model_dir, scheduler="dpm", device="cpu")
     assert isinstance(dpm.scheduler, DPMSolverMultistepScheduler)
     assert dpm.scheduler.config.algorithm_type == "dpmsolver++"

@@ -255,17 +255,46 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tr
     assert not (output_dir / "model_index.json").exists()
 
 
+SLOW_BF16 = textwrap.dedent("""
+    # Launch the trainer as if this machine had no native bf16.
+    import sys
+    sys.path.insert(0, {root!r})
+    import train_accelerate
+    train_accelerate.has_fast_bf16 = lambda device: False
+    sys.exit(train_accelerate.main(sys.argv[1:]))
+""")
+
+
 def test_bf16_mixed_precision_on_cpu_with_tensorboard_logging(tmp_path, train_data_dir):
     output_dir = tmp_path / "out"
+    launcher = tmp_path / "slow_bf16.py"
+    launcher.write_text(SLOW_BF16.format(root=str(ROOT)))
     # A subprocess: Accelerate's process-wide state keeps the precision of the first Accelerator made in a process.
-    run_training(output_dir, train_data_dir, "--mixed_precision", "bf16", "--logger", "tensorboard",
-                 "--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 2)
+    result = run_training(output_dir, train_data_dir, "--mixed_precision", "bf16", "--logger", "tensorboard",
+                          "--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 2, script=launcher)
+    assert result.stdout.count("has no native bf16, so mixed_precision=bf16 may train slower") == 1
     losses = trainer_state(output_dir, 4)["losses"]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
     events = list((output_dir / "logs").rglob("events.out.tfevents.*"))
     assert events and all(event.stat().st_size > 0 for event in events)
     published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for tensor in published.values()} == {torch.float32}  # autocast, not bf16 weights
+
+
+def test_min_snr_v_prediction_and_stratified_timesteps_train_and_publish(tmp_path, train_data_dir):
+    common = ("--max_train_steps", 1, "--checkpointing_steps", 1, "--save_images_steps", 100, "--lr_warmup_steps", 0)
+    train_in_process(tmp_path / "plain", train_data_dir, *common)
+    train_in_process(tmp_path / "weighted", train_data_dir, *common, "--snr_gamma", 5)
+    plain, _ = checkpoint_tensors(tmp_path / "plain", 1)
+    weighted, _ = checkpoint_tensors(tmp_path / "weighted", 1)
+    assert any(not torch.equal(plain[name], weighted[name]) for name in plain)  # the weights changed the step
+    output_dir = tmp_path / "v"
+    train_in_process(output_dir, train_data_dir, *common, "--prediction_type", "v_prediction", "--snr_gamma", 5,
+                     "--timestep_sampling", "stratified")
+    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    saved = (output_dir / "train_config.yaml").read_text()
+    assert "snr_gamma: 5.0" in saved and "timestep_sampling: stratified" in saved
 
 
 def test_a_run_killed_at_any_moment_resumes(tmp_path, train_data_dir):
@@ -591,3 +620,14 @@ def test_bad_input_through_accelerate_launch_shows_our_line(tmp_path):
     assert "train_accelerate.py: error: learning_rate must be positive, got -1.0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_ablation_row_is_a_valid_config_of_one_epoch():
+    from conftest import load_benchmark
+    from ddpm_fashion.config import parse_config
+
+    ablation = load_benchmark("ablation")
+    for name in ablation.ROWS:
+        config, _, _ = parse_config(ablation.trainer_args(name, 1, "unused-out"))
+        assert 60_000 <= config.max_train_steps * config.train_batch_size < 60_000 + config.train_batch_size, name
+        assert config.output_dir == "unused-out" and config.logger == "none"

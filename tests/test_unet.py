@@ -502,3 +502,29 @@ def test_drift_benchmark_shows_reference_mode_at_zero(tmp_path, capsys, monkeypa
     assert rows["ours, reference_mode=True"] == [0.0, 0.0, 0.0]
     assert 0 < max(rows["ours (fused upsampler)"]) < 1e-4  # the fast layout rounds differently, by little
     assert len(rows) == 4
+
+
+def test_cpu_autocast_keeps_attention_in_float32(monkeypatch):
+    # The CPU flash-attention kernel is several times slower in bf16 (ddpm_fashion/unet_blocks.attention); the
+    # convolutions around it still run in bf16.
+    config = CONFIGS["project_cpu"]
+    _, ours = model_pair(config, seed=12)
+    seen = []
+    real_attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_attention(q, k, v, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_attention)
+    sample = sample_for(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(sample, 300).sample
+    assert seen and set(seen) == {(torch.float32, False)}
+    assert out.dtype == torch.bfloat16  # the last convolution ran in bf16
+    seen.clear()
+    ours(sample, 300)  # without autocast nothing changes
+    assert set(seen) == {(torch.float32, False)}
+    seen.clear()
+    ours.to(torch.bfloat16)(sample.to(torch.bfloat16), 300)  # bf16 weights, no autocast: bf16 throughout
+    assert set(seen) == {(torch.bfloat16, False)}

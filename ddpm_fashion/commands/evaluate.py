@@ -108,7 +108,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                              f"(the floor every table shows)")
     parser.add_argument("--num_samples", type=positive_int, default=DEFAULT_NUM_SAMPLES)
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
-                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config")
+                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config (ddim never clips x_0; ddim-from-config keeps the saved config's clip_sample, as DDIMScheduler.from_config does)")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="sampling steps (default: all training steps for DDPM, 50 for ddim, 25 for dpm)")
     parser.add_argument("--features", choices=FEATURE_CHOICES, default="fmnist",

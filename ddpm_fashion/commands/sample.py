@@ -43,7 +43,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("sample", help="generate a grid of images (and a GIF of the reverse process)")
     add_model_options(parser)
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
-                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config")
+                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config (ddim never clips x_0; ddim-from-config keeps the saved config's clip_sample, as DDIMScheduler.from_config does)")
     parser.add_argument("--unet", choices=UNET_CHOICES, default="diffusers", help="which U-Net code runs the weights")
     parser.add_argument("--num_images", type=positive_int, default=64)
     parser.add_argument("--batch_size", type=positive_int, default=64, help="images per batch; bounds the memory")

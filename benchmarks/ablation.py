@@ -1,0 +1,207 @@
+"""Which levers make configs/cpu.yaml learn more per CPU-hour: one training run per row, at equal images.
+
+    python benchmarks/ablation.py [--rows NAME ...] [--epochs 1] [--num_samples 1000] [--batch_size 250]
+        [--workdir /work/runs/ablation] [--json benchmarks/results/ablation.json]
+    python benchmarks/ablation.py --speed_steps 150 [--rows NAME ...]     # img/s only, short runs, idle machine
+
+Every row trains configs/cpu.yaml plus the row's overrides for the same number of images (`--epochs` x 60,000;
+max_train_steps = images / train_batch_size, so the LR schedule spans the row's own run) with the README's command,
+`accelerate launch train_accelerate.py --config configs/cpu.yaml ...`, then samples N images from the published
+pipeline with DPM-Solver++ 20 steps and DDIM 50 steps (the CLI's `--scheduler dpm` and `--scheduler ddim`) and
+scores them with the project's Evaluator (FID over `fmnist` features, class KL from uniform, precision/recall)
+against the FashionMNIST test set, beside the real-training-images floor at the same N. img/s is the trainer's own
+figure for the whole run (its `done:` line); as a long study shares the machine with other work, `--speed_steps N`
+re-times each row alone with an N-step run of the same command (JSON `speed`). Every row starts from the same
+seed, so rows differ only by their change.
+
+Rows run in the order given; a row already in --json under the same protocol is kept, and a row whose model
+folder already holds a finished pipeline trained with exactly the row's resolved config (`--dry_run`) is
+scored without retraining. The JSON is rewritten after each row, so a long study can stop and continue.
+"""
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ddpm_fashion.evaluate import Evaluator, machine_description, real_training_images  # noqa: E402
+from ddpm_fashion.files import atomic_output  # noqa: E402
+from ddpm_fashion.sampling import generate_images  # noqa: E402
+from ddpm_fashion.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
+
+TRAIN_IMAGES = 60_000
+BASE_CONFIG = ROOT / "configs" / "cpu.yaml"
+# Keys that say where and how often a run writes, not what it trains: ignored when a finished folder is reused.
+INCIDENTAL_KEYS = ("output_dir", "logger", "save_images_epochs", "checkpointing_steps", "checkpoints_total_limit")
+SAMPLERS = (("dpm", 20), ("ddim", 50))
+BF16 = ["--mixed_precision", "bf16"]
+# name: (what changed, overrides on top of configs/cpu.yaml)
+ROWS = {
+    "fp32": ("cpu.yaml as it was: float32", ["--mixed_precision", "no"]),
+    "bf16": ("bf16 autocast (attention kept in float32 on the CPU)", BF16),
+    "bf16-minsnr5": ("bf16 + min-SNR-5 loss weights", BF16 + ["--snr_gamma", "5"]),
+    "bf16-v-minsnr5": ("bf16 + v-prediction + min-SNR-5", BF16 + ["--prediction_type", "v_prediction",
+                                                                 "--snr_gamma", "5"]),
+    "bf16-stratified": ("bf16 + stratified timesteps", BF16 + ["--timestep_sampling", "stratified"]),
+    "bf16-lr1e-3": ("bf16 + learning rate 1e-3", BF16 + ["--learning_rate", "1e-3"]),
+    "bf16-lr2e-4": ("bf16 + learning rate 2e-4", BF16 + ["--learning_rate", "2e-4"]),
+    "bf16-warmup50": ("bf16 + 50 warm-up steps (not 200)", BF16 + ["--lr_warmup_steps", "50"]),
+    "bf16-batch32": ("bf16 + batch 32 (twice the steps)", BF16 + ["--train_batch_size", "32"]),
+    "bf16-batch128": ("bf16 + batch 128 (half the steps)", BF16 + ["--train_batch_size", "128"]),
+    "bf16-ema0.995": ("bf16 + EMA decay capped at 0.995", BF16 + ["--ema_max_decay", "0.995"]),
+    "bf16-noema": ("bf16, no EMA (the raw weights)", BF16 + ["--use_ema", "false"]),
+    "bf16-wide": ("bf16 + U-Net (48, 96, 192)", BF16 + ["--unet.block_out_channels", "[48, 96, 192]"]),
+    "bf16-attn16": ("bf16 + attention at 16x16 and 8x8", BF16 + [
+        "--unet.down_block_types", "[DownBlock2D, AttnDownBlock2D, AttnDownBlock2D]",
+        "--unet.up_block_types", "[AttnUpBlock2D, AttnUpBlock2D, UpBlock2D]"]),
+    "bf16-noattn": ("bf16, no attention", BF16 + ["--unet.down_block_types", "[DownBlock2D, DownBlock2D, DownBlock2D]",
+                                                  "--unet.up_block_types", "[UpBlock2D, UpBlock2D, UpBlock2D]"]),
+}
+DEFAULT_ROWS = ("fp32", "bf16", "bf16-minsnr5", "bf16-v-minsnr5", "bf16-stratified", "bf16-lr1e-3", "bf16-batch32",
+                "bf16-ema0.995")
+
+
+def trainer_args(name: str, epochs: float, output_dir: Path) -> list:
+    """Get train_accelerate.py's arguments for a row: the base config, the run's length, the row's overrides."""
+    overrides = ROWS[name][1]
+    batch = int(overrides[overrides.index("--train_batch_size") + 1]) if "--train_batch_size" in overrides else \
+        yaml.safe_load(BASE_CONFIG.read_text())["train_batch_size"]
+    steps = math.ceil(epochs * TRAIN_IMAGES / batch)
+    return ["--config", str(BASE_CONFIG), "--output_dir", str(output_dir), "--max_train_steps", str(steps),
+            "--logger", "none", "--save_images_epochs", "1000", "--checkpointing_steps", "100000", *overrides]
+
+
+def resolved_config(args: list) -> dict:
+    """Get the config the trainer would run with these arguments (its --dry_run), less the incidental keys."""
+    result = subprocess.run([sys.executable, str(ROOT / "train_accelerate.py"), *args, "--dry_run"],
+                            capture_output=True, text=True, check=True)
+    return {k: v for k, v in yaml.safe_load(result.stdout).items() if k not in INCIDENTAL_KEYS}
+
+
+def finished_run(output_dir: Path, expected: dict):
+    """Get (img/s, seconds) of a finished run in output_dir trained with `expected`, or None."""
+    log, config_file = output_dir / "train.log", output_dir / "train_config.yaml"
+    if not (output_dir / "model_index.json").is_file() or not config_file.is_file() or not log.is_file():
+        return None
+    saved = {k: v for k, v in yaml.safe_load(config_file.read_text()).items() if k not in INCIDENTAL_KEYS}
+    match = re.search(r"done: \d+ steps, \d+ images seen, (\d+) s this session, ([\d.]+) img/s", log.read_text())
+    return (float(match.group(2)), int(match.group(1))) if saved == expected and match else None
+
+
+def train_row(name: str, args, output_dir: Path):
+    """Train a row with the README's launcher (or reuse its finished run); get (img/s, seconds, resolved config)."""
+    row_args = trainer_args(name, args.epochs, output_dir)
+    expected = resolved_config(row_args)
+    done = finished_run(output_dir, expected)
+    if done is None:
+        if output_dir.exists():
+            raise SystemExit(f"{output_dir} exists but is not a finished run of row {name}; move it away first")
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        accelerate = Path(sys.executable).parent / "accelerate"
+        print(f"[{name}] training: accelerate launch train_accelerate.py {' '.join(row_args)}", flush=True)
+        result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", str(ROOT / "train_accelerate.py"),
+                                 *row_args], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"row {name} failed ({result.returncode}): {result.stderr[-1500:]}")
+        (output_dir / "train.log").write_text(result.stdout + result.stderr[-3000:])
+        done = finished_run(output_dir, expected)
+    return done[0], done[1], expected
+
+
+def score(output_dir: Path, evaluator, args) -> dict:
+    """Get FID, class KL, precision and recall of each sampler in SAMPLERS for the pipeline in output_dir."""
+    pipe = load_pipeline(str(output_dir), scheduler="diffusers", device="cpu")
+    ddpm_config = pipe.scheduler.config
+    scores = {}
+    for sampler, steps in SAMPLERS:
+        pipe.scheduler = build_scheduler(sampler, ddpm_config)
+        started = time.perf_counter()
+        images = generate_images(pipe, args.num_samples, args.batch_size, steps, args.seed, progress=False)
+        report = evaluator.evaluate(images)
+        scores[f"{sampler}{steps}"] = {"fid": report["fid"], "class_kl": report["class_kl_from_uniform"],
+                                       "precision": report["precision"], "recall": report["recall"],
+                                       "sampling_seconds": round(time.perf_counter() - started, 1)}
+    return scores
+
+
+def write_json(path, protocol: dict, rows: dict, speed: dict) -> None:
+    """Write the study so far, atomically."""
+    with atomic_output(Path(path)) as staging:
+        staging.write_text(json.dumps({"protocol": protocol, "machine": machine_description(torch.device("cpu")),
+                                       "rows": rows, "speed": speed}, indent=2) + "\n")
+
+
+def time_row(name: str, steps: int, workdir: Path) -> float:
+    """Get a row's img/s from a short run of the README's command (its own output folder, removed after)."""
+    output_dir = workdir / f".speed-{name}"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    row_args = trainer_args(name, 1, output_dir)
+    row_args[row_args.index("--max_train_steps") + 1] = str(steps)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", str(ROOT / "train_accelerate.py"),
+                             *row_args], capture_output=True, text=True)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    match = re.search(r"done: \d+ steps, \d+ images seen, \d+ s this session, ([\d.]+) img/s", result.stdout)
+    if result.returncode != 0 or not match:
+        raise SystemExit(f"timing row {name} failed ({result.returncode}): {result.stderr[-1500:]}")
+    return float(match.group(1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(DEFAULT_ROWS))
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=250, help="sampling batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="/work/runs/ablation", help="where each row's model folder goes")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "ablation.json"))
+    parser.add_argument("--speed_steps", type=int, default=None, help="only time each row with a run this long")
+    args = parser.parse_args(argv)
+
+    protocol = {"base_config": BASE_CONFIG.name, "epochs": args.epochs, "num_samples": args.num_samples,
+                "seed": args.seed, "sampling_batch_size": args.batch_size, "features": "fmnist", "reference": "test",
+                "samplers": [f"{s}{n}" for s, n in SAMPLERS]}
+    saved = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+    rows = saved.get("rows", {}) if saved.get("protocol") == protocol else {}
+    speed = saved.get("speed", {}) if saved.get("protocol") == protocol else {}
+    if args.speed_steps:
+        for name in args.rows:
+            speed[name] = {"img_per_s": time_row(name, args.speed_steps, Path(args.workdir)), "steps": args.speed_steps}
+            print(f"[{name}] {speed[name]['img_per_s']:.1f} img/s over {args.speed_steps} steps", flush=True)
+            write_json(args.json, protocol, rows, speed)
+        return
+    evaluator = Evaluator("fmnist", "test", None, args.batch_size)
+    if "real-train" not in rows:
+        report = evaluator.evaluate(real_training_images(args.num_samples, args.seed))
+        rows["real-train"] = {"changed": "real training images (the floor)", "fid": report["fid"],
+                              "class_kl": report["class_kl_from_uniform"]}
+        write_json(args.json, protocol, rows, speed)
+    print(f"floor at N = {args.num_samples}: FID {rows['real-train']['fid']:.3f}", flush=True)
+    for name in args.rows:
+        if name in rows:
+            print(f"[{name}] kept from {args.json}", flush=True)
+            continue
+        output_dir = Path(args.workdir) / f"{name}-{args.epochs:g}ep"
+        images_per_second, seconds, config = train_row(name, args, output_dir)
+        scores = score(output_dir, evaluator, args)
+        rows[name] = {"changed": ROWS[name][0], "overrides": ROWS[name][1], "images": round(args.epochs * TRAIN_IMAGES),
+                      "max_train_steps": config["max_train_steps"], "img_per_s": images_per_second,
+                      "train_seconds": seconds, **scores}
+        write_json(args.json, protocol, rows, speed)
+        print(f"[{name}] {images_per_second:.1f} img/s; " + "; ".join(
+            f"{k}: FID {v['fid']:.2f}, KL {v['class_kl']:.3f}" for k, v in scores.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
