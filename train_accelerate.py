@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
@@ -192,8 +192,18 @@ def training_step(config, accelerator, model, optimizer, noise_scheduler, images
     return accelerator.reduce(per_sample.detach().sum(), "sum").item()
 
 
+def resolve_mixed_precision(requested):
+    """Get the precision to train in: the config's; if null the launcher's, else "no"; "auto": bf16 if native."""
+    if requested is None:
+        return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # set by `accelerate launch`
+    if requested == "auto":
+        return "bf16" if has_fast_bf16(PartialState().device) else "no"
+    return requested
+
+
 def train(config):
     """Check everything, then run the training loop and publish the pipeline."""
+    config.mixed_precision = resolve_mixed_precision(config.mixed_precision)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
     # Every check reads only; nothing in output_dir is written until all have passed (open_run_folder).

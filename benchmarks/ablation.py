@@ -157,6 +157,24 @@ def time_row(name: str, steps: int, workdir: Path) -> float:
     return float(match.group(1))
 
 
+def markdown_table(study: dict) -> str:
+    """Get the README's table of a study: one line per row, FIDs also as multiples of the floor at the same N."""
+    floor = study["rows"]["real-train"]["fid"]
+    lines = ["| row | what changed | img/s (whole run) | img/s (alone) | DPM-Solver++ 20: FID (× floor) / class KL "
+             "| DDIM 50: FID (× floor) / class KL |", "|---|---|---:|---:|---:|---:|"]
+    for name, row in study["rows"].items():
+        if name == "real-train":
+            continue
+        alone = study.get("speed", {}).get(name, {}).get("img_per_s")
+        cells = [f"{row[s]['fid']:.2f} ({row[s]['fid'] / floor:.0f}×) / {row[s]['class_kl']:.3f}"
+                 for s in ("dpm20", "ddim50")]
+        lines.append(f"| `{name}` | {row['changed']} | {row['img_per_s']:.1f} | "
+                     f"{'-' if alone is None else f'{alone:.1f}'} | {cells[0]} | {cells[1]} |")
+    lines.append(f"| real training images | the floor at N = {study['protocol']['num_samples']} | | | {floor:.3f} / "
+                 f"{study['rows']['real-train']['class_kl']:.3f} | |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(DEFAULT_ROWS))
@@ -167,7 +185,11 @@ def main(argv=None):
     parser.add_argument("--workdir", default="/work/runs/ablation", help="where each row's model folder goes")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "ablation.json"))
     parser.add_argument("--speed_steps", type=int, default=None, help="only time each row with a run this long")
+    parser.add_argument("--table", action="store_true", help="only print the --json study as a Markdown table")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.json).read_text())))
+        return
 
     protocol = {"base_config": BASE_CONFIG.name, "epochs": args.epochs, "num_samples": args.num_samples,
                 "seed": args.seed, "sampling_batch_size": args.batch_size, "features": "fmnist", "reference": "test",

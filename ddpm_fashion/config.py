@@ -58,7 +58,9 @@ class TrainConfig:
     adam_weight_decay: float = 1e-6
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: the launcher's choice (`accelerate launch --mixed_precision`, `accelerate config`), else "no";
+    # auto: bf16 where the device runs it natively, else "no". The run's train_config.yaml records what was used.
+    mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
 
     # Exponential moving average of the weights (diffusers.training_utils.EMAModel with warm-up).
     use_ema: bool = True

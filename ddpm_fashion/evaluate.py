@@ -116,8 +116,18 @@ def machine_description(device: torch.device) -> str:
     """Get a short description of the machine a timing was taken on."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    return (f"{cpu_model_name() or platform.machine() + ' CPU'}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def cpu_model_name() -> str:
+    """Get the CPU's model name from /proc/cpuinfo (empty where there is none): timings depend on it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        return ""
+    return names[0] if names else ""
 
 
 def format_report(report: dict) -> str:

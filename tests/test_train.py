@@ -273,6 +273,10 @@ def test_bf16_mixed_precision_on_cpu_with_tensorboard_logging(tmp_path, train_da
     result = run_training(output_dir, train_data_dir, "--mixed_precision", "bf16", "--logger", "tensorboard",
                           "--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 2, script=launcher)
     assert result.stdout.count("has no native bf16, so mixed_precision=bf16 may train slower") == 1
+    # `auto` on such a machine trains in float32, and the run folder records it
+    run_training(tmp_path / "auto", train_data_dir, "--mixed_precision", "auto", "--max_train_steps", 1,
+                 "--save_images_steps", 100, script=launcher)
+    assert "mixed_precision: 'no'" in (tmp_path / "auto" / "train_config.yaml").read_text()
     losses = trainer_state(output_dir, 4)["losses"]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
     events = list((output_dir / "logs").rglob("events.out.tfevents.*"))
@@ -608,6 +612,18 @@ def test_a_launched_cpu_run_uses_every_core(tmp_path, train_data_dir):
                           "--train_batch_size", 8, env=env,
                           launcher=(str(torchrun), "--nproc_per_node", "2", "--master_port", "29530"))
     assert f"{max(1, physical_cores() // 2)} torch threads per process" in result.stdout + result.stderr
+
+
+def test_mixed_precision_is_the_launchers_unless_the_config_sets_it(tmp_path, train_data_dir):
+    accelerate = (str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+                  "--mixed_precision", "bf16")
+    common = ("--max_train_steps", 1, "--save_images_steps", 100)
+    result = run_training(tmp_path / "launcher", train_data_dir, *common, launcher=accelerate)
+    assert "mixed precision bf16" in result.stdout
+    assert "mixed_precision: bf16" in (tmp_path / "launcher" / "train_config.yaml").read_text()
+    result = run_training(tmp_path / "config", train_data_dir, *common, "--mixed_precision", "no", launcher=accelerate)
+    assert "mixed precision no" in result.stdout
+    assert "mixed_precision: 'no'" in (tmp_path / "config" / "train_config.yaml").read_text()
 
 
 def test_bad_input_through_accelerate_launch_shows_our_line(tmp_path):
