@@ -116,7 +116,8 @@ def machine_description(device: torch.device) -> str:
     """Get a short description of the machine a timing was taken on."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{cpu_model_name() or platform.machine() + ' CPU'}, {os.cpu_count()} cores, "
+    model = cpu_model_name()
+    return (f"{model + ' (' if model else ''}{platform.machine()} CPU{')' if model else ''}, {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
