@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,14 +151,14 @@ def write_json(path, protocol: dict, rows: dict, speed: dict) -> None:
 
 def time_row(name: str, steps: int, workdir: Path) -> float:
     """Get a row's img/s from a short run of the README's command (its own output folder, removed after)."""
-    output_dir = workdir / f".speed-{name}"
-    shutil.rmtree(output_dir, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(tempfile.mkdtemp(prefix=f".speed-{name}-", dir=workdir)) / "run"  # never a folder we did not make
     row_args = trainer_args(name, 1, output_dir)
     row_args[row_args.index("--max_train_steps") + 1] = str(steps)
     accelerate = Path(sys.executable).parent / "accelerate"
     result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", str(ROOT / "train_accelerate.py"),
                              *row_args], capture_output=True, text=True)
-    shutil.rmtree(output_dir, ignore_errors=True)
+    shutil.rmtree(output_dir.parent, ignore_errors=True)
     match = re.search(r"done: \d+ steps, \d+ images seen, \d+ s this session, ([\d.]+) img/s", result.stdout)
     if result.returncode != 0 or not match:
         raise SystemExit(f"timing row {name} failed ({result.returncode}): {result.stderr[-1500:]}")
