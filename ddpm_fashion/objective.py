@@ -32,7 +32,7 @@ def training_target(prediction_type, noise_scheduler, clean, noise, timesteps):
 
 
 def loss_weights(prediction_type, noise_scheduler, timesteps, snr_gamma):
-    """Get each sample's loss weight: 1, or min-SNR-gamma (Hang et al. 2023, eq. 11) expressed for the target.
+    """Get each sample's loss weight: 1, or min-SNR-gamma (Hang et al. 2023) expressed for the target.
 
     The paper weights the x_0 error by min(SNR_t, gamma), with SNR_t = alpha_bar_t / (1 - alpha_bar_t). The eps error
     is SNR_t times smaller than the x_0 error and the v error SNR_t + 1 times, hence the divisions.
