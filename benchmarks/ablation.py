@@ -17,7 +17,8 @@ bf16; once min-SNR-5 led, the `minsnr5-*` rows change one thing of bf16 + min-SN
 
 Rows run in the order given; a row already in --json under the same protocol is kept, and a row whose model
 folder already holds a finished pipeline trained with exactly the row's resolved config (`--dry_run`) is
-scored without retraining. The JSON is rewritten after each row, so a long study can stop and continue.
+scored without retraining. The JSON is rewritten after each row, so a long study can stop and continue; a --json
+made under another protocol is refused (exit 2, naming what differs) rather than replaced.
 """
 
 import argparse
@@ -37,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ddpm_fashion.evaluate import Evaluator, machine_description, real_training_images  # noqa: E402
-from ddpm_fashion.files import atomic_output  # noqa: E402
+from ddpm_fashion.files import atomic_output, continue_study  # noqa: E402
 from ddpm_fashion.sampling import generate_images  # noqa: E402
 from ddpm_fashion.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
 
@@ -202,9 +203,11 @@ def main(argv=None):
     protocol = {"base_config": "cpu.yaml", "epochs": args.epochs, "num_samples": args.num_samples,
                 "seed": args.seed, "sampling_batch_size": args.batch_size, "features": "fmnist", "reference": "test",
                 "samplers": [f"{s}{n}" for s, n in SAMPLERS]}
-    saved = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-    rows = saved.get("rows", {}) if saved.get("protocol") == protocol else {}
-    speed = saved.get("speed", {}) if saved.get("protocol") == protocol else {}
+    try:
+        saved = continue_study(args.json, protocol)
+    except ValueError as error:  # one line, no usage: the options were valid
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    rows, speed = saved.get("rows", {}), saved.get("speed", {})
     if args.speed_steps:
         for name in args.rows:
             speed[name] = {"img_per_s": time_row(name, args.speed_steps, Path(args.workdir)), "steps": args.speed_steps}

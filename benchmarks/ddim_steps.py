@@ -23,7 +23,8 @@ x_t / sqrt(alpha_bar_t) by exactly that difference, whatever the step size, so t
 `--floor` adds the real-training-images row (`ddpm-fashion evaluate --model real-train`) at the same N.
 
 Rows already in --json with the same protocol (model files, N, seed, batch size, features) are kept and not
-re-run, and the file is rewritten after every row, so a long study can be stopped and continued.
+re-run, and the file is rewritten after every row, so a long study can be stopped and continued. A --json made
+under another protocol (another model, say) is refused, naming what differs, rather than replaced.
 """
 
 import argparse
@@ -39,7 +40,7 @@ from diffusers import DDIMScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddpm_fashion.evaluate import REAL_TRAIN, Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.features import FEATURE_CHOICES  # noqa: E402
-from ddpm_fashion.files import atomic_output  # noqa: E402
+from ddpm_fashion.files import atomic_output, continue_study  # noqa: E402
 from ddpm_fashion.samples_file import pipeline_fingerprint  # noqa: E402
 from ddpm_fashion.sampling import generate_images, predicted_original  # noqa: E402
 from ddpm_fashion.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
@@ -145,17 +146,6 @@ def protocol_of(args) -> dict:
             "features": args.features, "reference": "test"}
 
 
-def load_previous(path, protocol: dict) -> list:
-    """Get the rows of an earlier run of the same protocol from path (none if absent or different)."""
-    if not path or not Path(path).is_file():
-        return []
-    saved = json.loads(Path(path).read_text())
-    if saved.get("protocol") != protocol:
-        print(f"note: {path} was made under another protocol; its rows are not reused (the file will be replaced)")
-        return []
-    return saved["rows"]
-
-
 def write_json(path, protocol: dict, rows: list) -> None:
     """Write the study so far, atomically (a stopped run leaves the last complete file)."""
     if not path:
@@ -218,7 +208,10 @@ def main(argv=None):
         parse_setting(spec)  # fail on a typo before minutes of sampling
 
     protocol = protocol_of(args)
-    rows = load_previous(args.json, protocol)
+    try:
+        rows = continue_study(args.json, protocol).get("rows", [])
+    except ValueError as error:  # one line, no usage: the options were valid
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     done = {(row["setting"], row["steps"]) for row in rows}
     pipe = load_pipeline(args.model, scheduler="diffusers", device="cpu")
     base_config = pipe.scheduler.config  # the saved DDPM config: what from_config inherits

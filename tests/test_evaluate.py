@@ -453,3 +453,11 @@ def test_ddim_steps_benchmark_writes_a_row_per_setting_and_step_count(tiny_pipel
     # a second run continues the file and samples nothing again
     assert ddim_steps.main(argv) == rows
     assert "(from" in capsys.readouterr().out
+    # a run under another protocol refuses the file instead of replacing its rows
+    before = report.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        ddim_steps.main([*argv[:-2], "--num_samples", "10", "--json", str(report)])
+    assert refused.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "num_samples: 12 -> 10" in message, message
+    assert report.read_bytes() == before

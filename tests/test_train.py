@@ -647,3 +647,61 @@ def test_every_ablation_row_is_a_valid_config_of_one_epoch():
         config, _, _ = parse_config(ablation.trainer_args(name, 1, "unused-out"))
         assert 60_000 <= config.max_train_steps * config.train_batch_size < 60_000 + config.train_batch_size, name
         assert config.output_dir == "unused-out" and config.logger == "none"
+
+
+def test_fid_curve_scores_each_checkpoint_with_its_own_weights(smoke_run, tmp_path):
+    from conftest import load_benchmark
+
+    fid_curve = load_benchmark("fid_curve")
+    output_dir, _ = smoke_run
+    checkpoints = fid_curve.checkpoint_folders([output_dir / "checkpoints"])
+    assert [folder.name for folder in checkpoints] == ["checkpoint-8", "checkpoint-12"]
+    assert fid_curve.images_seen(checkpoints[-1]) == (12, 12 * 16)
+    # the last checkpoint's EMA weights are exactly what the run published
+    published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    last = fid_curve.pipeline_at(str(output_dir), checkpoints[-1]).unet.state_dict()
+    assert sorted(last) == sorted(published)
+    assert all(torch.equal(last[name], published[name]) for name in published)
+    earlier = fid_curve.pipeline_at(str(output_dir), checkpoints[0]).unet.state_dict()
+    assert not all(torch.equal(earlier[name], published[name]) for name in published)
+    # a checkpoint of a run without EMA gives its raw weights
+    raw = tmp_path / "checkpoint-8"
+    shutil.copytree(checkpoints[0], raw)
+    (raw / "ema.safetensors").unlink()
+    raw_weights = load_file(raw / "model.safetensors")
+    unet = fid_curve.pipeline_at(str(output_dir), raw).unet.state_dict()
+    assert all(torch.equal(unet[name], raw_weights[name]) for name in raw_weights)
+
+
+def test_fid_curve_refuses_a_json_it_would_replace(smoke_run, tmp_path, capsys):
+    from conftest import load_benchmark
+
+    fid_curve = load_benchmark("fid_curve")
+    output_dir, _ = smoke_run
+    checkpoint = str(output_dir / "checkpoints" / "checkpoint-8")
+    other = {"curves": {"recipe": {"protocol": {"run": "elsewhere"}, "points": {"checkpoint-8": {"fid": 1.0}}}},
+             "floors": {}}
+    for name, content in (("foreign.json", {"results": [1, 2]}), ("other.json", other)):
+        report = tmp_path / name
+        report.write_text(json.dumps(content))
+        with pytest.raises(SystemExit) as refused:
+            fid_curve.main(["--run", str(output_dir), "--checkpoints", checkpoint, "--label", "recipe",
+                            "--json", str(report)])
+        assert refused.value.code == 2
+        message = capsys.readouterr().err.strip()
+        assert len(message.splitlines()) == 1 and str(report) in message, message
+        assert json.loads(report.read_text()) == content
+
+
+def test_ablation_refuses_a_json_of_another_protocol(tmp_path, capsys):
+    from conftest import load_benchmark
+
+    ablation = load_benchmark("ablation")
+    report = tmp_path / "ablation.json"
+    report.write_text(json.dumps({"protocol": {"base_config": "cpu.yaml", "epochs": 2.0}, "rows": {"fp32": {}}}))
+    before = report.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        ablation.main(["--rows", "fp32", "--workdir", str(tmp_path / "rows"), "--json", str(report)])
+    assert refused.value.code == 2
+    assert "epochs: 2.0 -> 1.0" in capsys.readouterr().err
+    assert report.read_bytes() == before and not (tmp_path / "rows").exists()
