@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ddpm_fashion.checkpointing import EMA_WEIGHTS  # noqa: E402
 from ddpm_fashion.evaluate import Evaluator, machine_description, real_training_images  # noqa: E402
-from ddpm_fashion.files import atomic_output, check_same_protocol, read_json_object  # noqa: E402
+from ddpm_fashion.files import atomic_output, check_output_path, check_same_protocol, read_json_object  # noqa: E402
 from ddpm_fashion.run_dir import TRAINER_STATE  # noqa: E402
 from ddpm_fashion.sampling import generate_images, inference_steps  # noqa: E402
 from ddpm_fashion.saved_pipeline import SCHEDULER_CHOICES, build_scheduler, load_pipeline  # noqa: E402
@@ -101,6 +101,7 @@ def score(pipe, evaluator, args, steps: int) -> dict:
 
 def saved_curves(path: Path) -> dict:
     """Get the curves saved at path to continue ({} of each if none), or a one-line ValueError if it is not ours."""
+    check_output_path(str(path), (".json",))  # before any sampling: it is rewritten after every point
     if not path.is_file():
         return {"curves": {}, "floors": {}}
     study = read_json_object(path)

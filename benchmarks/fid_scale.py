@@ -18,6 +18,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddpm_fashion.evaluate import Evaluator, real_training_images  # noqa: E402
+from ddpm_fashion.files import atomic_output, check_output_path  # noqa: E402
 
 NOISE_SIGMAS = (0.01, 0.02, 0.05)
 BLUR_SIGMAS = (0.4, 0.5, 0.7)
@@ -41,6 +42,11 @@ def main():
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.json:
+        try:  # before minutes of scoring: the report's folder exists and is writable
+            check_output_path(args.json, (".json",))
+        except ValueError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
 
     evaluator = Evaluator(data_dir=args.data_dir)
     images = real_training_images(args.num_samples, args.seed, args.data_dir).float() / 255
@@ -57,8 +63,9 @@ def main():
         print(f"{name:34} {row['fid']:8.3f} {row['times_floor']:8.1f} {row['precision']:9.3f} {row['recall']:7.3f} "
               f"{row['class_kl_from_uniform']:9.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"num_samples": args.num_samples, "seed": args.seed, "rows": rows},
-                                              indent=2) + "\n")
+        with atomic_output(Path(args.json)) as staging:  # a crash leaves the old report or the new one
+            staging.write_text(json.dumps({"num_samples": args.num_samples, "seed": args.seed, "rows": rows},
+                                          indent=2) + "\n")
 
 
 if __name__ == "__main__":

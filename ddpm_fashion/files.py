@@ -303,8 +303,12 @@ def check_same_protocol(path: Path, saved: dict, protocol: dict) -> None:
 
 
 def continue_study(path: Optional[str], protocol: dict) -> dict:
-    """Get the results saved at path to continue ({} if none); a one-line ValueError if another protocol made them."""
-    if not path or not Path(path).is_file():
+    """Get the results saved at path to continue ({} if none); a one-line ValueError if another protocol made them
+    or path cannot be written (checked before any work)."""
+    if not path:
+        return {}
+    check_output_path(path, (".json",))
+    if not Path(path).is_file():
         return {}
     saved = read_json_object(Path(path))
     check_same_protocol(path, saved, protocol)
