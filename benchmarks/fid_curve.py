@@ -5,6 +5,9 @@
         [--json benchmarks/results/fid_curve.json]
     python benchmarks/fid_curve.py --table [--json ...]         # the README's table of every curve in --json
 
+Both end with each curve's power-law trend (a least-squares line through log FID against log images) and the
+images at which that trend would reach 10x the floor: an extrapolation, to size a run, not a result.
+
 A run keeps only its last `checkpoints_total_limit` checkpoints, so to draw a curve copy each one aside as it is
 written (or train with a larger limit) and pass the copies; a checkpoint folder or a folder of them is accepted.
 Each point is the run's published DDPMPipeline (`--run`: its U-Net config and scheduler) with the checkpoint's
@@ -22,6 +25,7 @@ protocol differs is refused (exit 2, naming what differs) rather than replaced.
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -132,6 +136,35 @@ def markdown_table(study: dict) -> str:
     return "\n".join(lines)
 
 
+def images_for_fid(points: list, target_fid: float) -> tuple:
+    """Get (exponent k, images where FID reaches target_fid) of a power law FID = c * images^-k fitted to points.
+
+    A least-squares line through (log images, log FID); it extrapolates, so it is a trend, not a prediction.
+    """
+    xs = [math.log(point["images_seen"]) for point in points]
+    ys = [math.log(point["fid"]) for point in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    if slope >= 0:
+        return -slope, math.inf  # FID does not fall with images: the target is never reached on this trend
+    intercept = mean_y - slope * mean_x
+    return -slope, math.exp((math.log(target_fid) - intercept) / slope)
+
+
+def trend_lines(study: dict, times_floor: float = 10.0) -> list:
+    """Get one line per curve: its power-law fit and the images it would need for FID at times_floor x the floor."""
+    lines = []
+    for label, curve in study["curves"].items():
+        points = list(curve["points"].values())
+        if len(points) < 2:
+            continue
+        floor = study["floors"][str(curve["protocol"]["num_samples"])]["fid"]
+        exponent, images = images_for_fid(points, times_floor * floor)
+        lines.append(f"{label}: FID ~ images^-{exponent:.2f} over {len(points)} points; {times_floor:g}x the floor "
+                     f"(FID {times_floor * floor:.3f}) at ~{images:,.0f} images ({images / 60_000:,.0f} epochs)")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="the finished run folder (a saved DDPMPipeline with its train_config.yaml)")
@@ -147,7 +180,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     json_path = Path(args.json)
     if args.table:
-        print(markdown_table(json.loads(json_path.read_text())))
+        study = json.loads(json_path.read_text())
+        print("\n".join([markdown_table(study), *trend_lines(study)]))
         return
     if not (args.run and args.checkpoints and args.label):
         parser.error("--run, --checkpoints and --label are required unless --table is given")
@@ -180,7 +214,7 @@ def main(argv=None):
         print(f"[{args.label}] {checkpoint.name}: {seen:,} images, FID {point['fid']:.3f}, "
               f"class KL {point['class_kl']:.3f}", flush=True)
         write_json(json_path, study)
-    print(markdown_table(study))
+    print("\n".join([markdown_table(study), *trend_lines(study)]))
 
 
 if __name__ == "__main__":

@@ -705,3 +705,17 @@ def test_ablation_refuses_a_json_of_another_protocol(tmp_path, capsys):
     assert refused.value.code == 2
     assert "epochs: 2.0 -> 1.0" in capsys.readouterr().err
     assert report.read_bytes() == before and not (tmp_path / "rows").exists()
+
+
+def test_fid_curve_trend_recovers_a_power_law():
+    from conftest import load_benchmark
+
+    fid_curve = load_benchmark("fid_curve")
+    points = [{"images_seen": n, "fid": 8.0 * (n / 1e5) ** -0.5} for n in (1e5, 2e5, 4e5, 8e5)]
+    exponent, images = fid_curve.images_for_fid(points, 1.0)
+    assert exponent == pytest.approx(0.5) and images == pytest.approx(6.4e6)
+    assert fid_curve.images_for_fid(points[:1] + [{"images_seen": 2e5, "fid": 9.0}], 1.0)[1] == float("inf")
+    study = {"curves": {"r": {"protocol": {"num_samples": 1000}, "points": dict(enumerate(points))}},
+             "floors": {"1000": {"fid": 0.1}}}
+    assert fid_curve.trend_lines(study) == [
+        "r: FID ~ images^-0.50 over 4 points; 10x the floor (FID 1.000) at ~6,400,000 images (107 epochs)"]
