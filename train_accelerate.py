@@ -134,7 +134,7 @@ def check_batch_sizes(config, num_images, world_size):
                          f"more than the {num_images} training images; use at most {num_images // world_size}")
 
 
-def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time):
+def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, session_seconds):
     """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and move it into output_dir."""
     output_dir = Path(config.output_dir)
     with ema_weights(accelerator.unwrap_model(model), ema) as final_model, \
@@ -148,7 +148,8 @@ def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress,
         plot_loss(folder / "loss.png", progress["losses"])
         write_model_card(folder / "README.md", config=config, config_yaml=config_to_yaml(config),
                          steps=len(progress["losses"]), images_seen=progress["images_seen"],
-                         losses=progress["losses"], wall_time=wall_time, world_size=accelerator.num_processes)
+                         losses=progress["losses"], train_seconds=progress["train_seconds"],
+                         session_seconds=session_seconds, world_size=accelerator.num_processes)
         move_files_into(folder, output_dir)  # replaces only the files it publishes
 
 
@@ -256,7 +257,7 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("ddpm_fashion", config=tracker_config)
 
-    global_step, progress = 0, {"losses": [], "images_seen": 0}
+    global_step, progress = 0, {"losses": [], "images_seen": 0, "train_seconds": 0.0}
     if resume_path is not None:
         global_step, progress = load_checkpoint(accelerator, resume_path, ema, sampler, lr_scheduler)
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
@@ -270,6 +271,7 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
     with tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
               desc="train", unit="step", dynamic_ncols=True) as bar:
         start_time, start_images, step_loss, step_images = time.time(), progress["images_seen"], 0.0, 0
+        earlier_seconds = progress["train_seconds"]  # None: resumed from a checkpoint that did not record it
         micro_step = global_step * config.gradient_accumulation_steps
         model.train()
         while global_step < max_train_steps:
@@ -289,6 +291,8 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
                 progress["losses"].append(step_loss)
                 progress["images_seen"] += step_images
                 images_per_s = (progress["images_seen"] - start_images) / (time.time() - start_time)
+                if earlier_seconds is not None:  # the run's training time over every session, kept in checkpoints
+                    progress["train_seconds"] = earlier_seconds + time.time() - start_time
                 logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "img_per_s": images_per_s}
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
@@ -302,6 +306,8 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
                     break
 
     wall_time = time.time() - start_time
+    if earlier_seconds is not None:
+        progress["train_seconds"] = earlier_seconds + wall_time
     if accelerator.is_main_process:
         publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time)
     accelerator.wait_for_everyone()

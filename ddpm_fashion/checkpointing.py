@@ -138,4 +138,4 @@ def load_checkpoint(accelerator, path, ema, sampler, lr_scheduler):
     step = state["global_step"]
     # Runs from before images were counted had only full batches of the configured size.
     images = state.get("images_seen", step * sampler.global_batch_size * accelerator.gradient_accumulation_steps)
-    return step, {"losses": state["losses"], "images_seen": images}
+    return step, {"losses": state["losses"], "images_seen": images, "train_seconds": state.get("train_seconds")}

@@ -1,6 +1,7 @@
 """What is published beside a trained pipeline: the model card (diffusers' convention) and the loss curve."""
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 # A Figure made directly (not through pyplot) draws with a file-only canvas: no GUI backend is chosen or needed, so
@@ -44,7 +45,7 @@ image = pipe(num_inference_steps={inference_steps}).images[0]
 | optimizer steps | {steps} |
 | images seen | {images_seen} |
 | final loss (mean of last 100 steps) | {final_loss:.5f} |
-| wall time | {wall_time:.0f} s |
+| training time | {training_time} |
 | processes × batch | {world_size} × {batch_size} |
 | EMA weights | {use_ema} |
 
@@ -57,13 +58,23 @@ Resolved training config:
 """
 
 
+def describe_training_time(train_seconds: Optional[float], session_seconds: float) -> str:
+    """Get the model card's training time: over every session of a resumed run, and the last session's share."""
+    if train_seconds is None:  # resumed from a checkpoint written before checkpoints recorded it
+        return f"{session_seconds:.0f} s in the last session (earlier sessions did not record theirs)"
+    if train_seconds > session_seconds:  # earlier sessions took time
+        return f"{train_seconds:.0f} s over all sessions ({session_seconds:.0f} s in the last)"
+    return f"{train_seconds:.0f} s"
+
+
 def write_model_card(path: Path, *, config, config_yaml: str, steps: int, images_seen: int, losses: list,
-                     wall_time: float, world_size: int) -> None:
+                     train_seconds: Optional[float], session_seconds: float, world_size: int) -> None:
     """Write the model card README.md of a published pipeline."""
     final_loss = float(np.mean(losses[-100:])) if losses else float("nan")
     Path(path).write_text(CARD_TEMPLATE.format(
         output_dir=config.output_dir, inference_steps=config.ddpm_num_inference_steps, steps=steps,
-        images_seen=images_seen, final_loss=final_loss, wall_time=wall_time, world_size=world_size,
+        images_seen=images_seen, final_loss=final_loss, world_size=world_size,
+        training_time=describe_training_time(train_seconds, session_seconds),
         batch_size=config.train_batch_size, use_ema=config.use_ema, config_yaml=config_yaml))
 
 

@@ -118,6 +118,18 @@ def test_resume_is_bitwise_exact(tmp_path, train_data_dir):
         assert torch.equal(ema_a[key], ema_b[key]), key
     assert trainer_state(straight, 8)["losses"] == trainer_state(stopped, 8)["losses"]
     assert not (stopped / "checkpoints" / ".tmp-checkpoint-6").exists()
+    # the training time adds up over both sessions, and the model card says so
+    first, total = trainer_state(stopped, 4)["train_seconds"], trainer_state(stopped, 8)["train_seconds"]
+    assert 0 < first < total
+    assert "s over all sessions (" in (stopped / "README.md").read_text()
+
+
+def test_model_card_training_time_over_sessions():
+    from ddpm_fashion.model_card import describe_training_time
+
+    assert describe_training_time(5615.4, 3535.2) == "5615 s over all sessions (3535 s in the last)"
+    assert describe_training_time(120.2, 120.2) == "120 s"
+    assert describe_training_time(None, 3535.2) == "3535 s in the last session (earlier sessions did not record theirs)"
 
 
 def test_own_and_diffusers_unet_train_identically(tmp_path, train_data_dir):
