@@ -731,3 +731,24 @@ def test_fid_curve_trend_recovers_a_power_law():
              "floors": {"1000": {"fid": 0.1}}}
     assert fid_curve.trend_lines(study) == [
         "r: FID ~ images^-0.50 over 4 points; 10x the floor (FID 1.000) at ~6,400,000 images (107 epochs)"]
+
+
+def test_the_committed_reference_model_is_configs_cpu_yaml():
+    """README's Results describe benchmarks/results/reference-model as configs/cpu.yaml: changing one alone fails."""
+    import yaml
+    from diffusers import DDPMPipeline
+
+    from ddpm_fashion.config import config_to_yaml, parse_config
+
+    reference = ROOT / "benchmarks" / "results" / "reference-model"
+    config, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])
+    expected = yaml.safe_load(config_to_yaml(config))
+    trained = yaml.safe_load((reference / "train_config.yaml").read_text())
+    how_it_ran = {"resume_from_checkpoint", "mixed_precision"}  # resumed once; `auto` resolved on a bf16 CPU
+    assert {k: v for k, v in trained.items() if k not in how_it_ran} == \
+        {k: v for k, v in expected.items() if k not in how_it_ran}
+    assert (expected["mixed_precision"], trained["mixed_precision"]) == ("auto", "bf16")
+    pipe = DDPMPipeline.from_pretrained(reference)  # a plain diffusers pipeline, its weights the EMA ones
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert list(pipe.unet.config.block_out_channels) == expected["unet"]["block_out_channels"]
+    assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
