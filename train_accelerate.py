@@ -290,9 +290,10 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
                     ema.step(model.parameters())
                 progress["losses"].append(step_loss)
                 progress["images_seen"] += step_images
-                images_per_s = (progress["images_seen"] - start_images) / (time.time() - start_time)
+                session_seconds = time.time() - start_time
+                images_per_s = (progress["images_seen"] - start_images) / session_seconds
                 if earlier_seconds is not None:  # the run's training time over every session, kept in checkpoints
-                    progress["train_seconds"] = earlier_seconds + time.time() - start_time
+                    progress["train_seconds"] = earlier_seconds + session_seconds
                 logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "img_per_s": images_per_s}
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value

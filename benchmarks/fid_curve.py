@@ -180,7 +180,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     json_path = Path(args.json)
     if args.table:
-        study = json.loads(json_path.read_text())
+        try:
+            study = read_json_object(json_path)
+        except ValueError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
         print("\n".join([markdown_table(study), *trend_lines(study)]))
         return
     if not (args.run and args.checkpoints and args.label):
