@@ -35,6 +35,7 @@ from ddpm_fashion.objective import loss_weights, sample_timesteps, training_targ
 from ddpm_fashion.pictures import grid_tensor, image_grid
 from ddpm_fashion.resources import (check_memory, configure_threads, estimate_unet_bytes, has_fast_bf16,
                                     is_out_of_memory)
+from ddpm_fashion.saved_pipeline import check_pipeline_dir
 from ddpm_fashion.scheduler import DDPMScheduler
 from ddpm_fashion.unet import UNet
 
@@ -73,6 +74,14 @@ def global_batch_randomness(config, micro_step, global_size, num_timesteps, devi
     timesteps = sample_timesteps(config.timestep_sampling, global_size, num_timesteps, generator, device)
     flips = torch.rand(global_size, generator=generator, device=device) < 0.5
     return noise, timesteps, flips
+
+
+def bare_model(accelerator, model):
+    """The trained network itself: without DDP and without torch.compile (`accelerate launch --dynamo_backend`).
+
+    A compiled wrapper cannot be saved by save_pretrained, and sampling it would recompile for the new batch shape.
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 @contextmanager
@@ -137,12 +146,13 @@ def check_batch_sizes(config, num_images, world_size):
 def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, session_seconds):
     """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and move it into output_dir."""
     output_dir = Path(config.output_dir)
-    with ema_weights(accelerator.unwrap_model(model), ema) as final_model, \
+    with ema_weights(bare_model(accelerator, model), ema) as final_model, \
             writing(output_dir, 2 * sum(p.numel() * p.element_size() for p in final_model.parameters())), \
             scratch_folder(staging_path(output_dir / "pipeline")) as folder:
         unet = final_model.to_diffusers() if isinstance(final_model, UNet) else final_model
         pipeline = DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler.from_config(noise_scheduler.config))
         pipeline.save_pretrained(folder, safe_serialization=True)
+        check_pipeline_dir(folder)  # diffusers only warns when a component cannot be saved: never publish half
         samples = sample_images(config, final_model, noise_scheduler, config.eval_batch_size, config.seed)
         image_grid(samples).save(folder / "samples.png")
         plot_loss(folder / "loss.png", progress["losses"])
@@ -272,6 +282,7 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
               desc="train", unit="step", dynamic_ncols=True) as bar:
         start_time, start_images, step_loss, step_images = time.time(), progress["images_seen"], 0.0, 0
         earlier_seconds = progress["train_seconds"]  # None: resumed from a checkpoint that did not record it
+        first_step = None  # (seconds, images seen) at the session's first step: torch.compile compiles during it
         micro_step = global_step * config.gradient_accumulation_steps
         model.train()
         while global_step < max_train_steps:
@@ -292,6 +303,7 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
                 progress["images_seen"] += step_images
                 session_seconds = time.time() - start_time
                 images_per_s = (progress["images_seen"] - start_images) / session_seconds
+                first_step = first_step or (session_seconds, progress["images_seen"])
                 if earlier_seconds is not None:  # the run's training time over every session, kept in checkpoints
                     progress["train_seconds"] = earlier_seconds + session_seconds
                 logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "img_per_s": images_per_s}
@@ -313,9 +325,11 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
         publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    first_seconds, first_images = first_step or (wall_time, progress["images_seen"])
     accelerator.print(f"done: {global_step} steps, {progress['images_seen']} images seen, {wall_time:.0f} s this "
-                      f"session, {(progress['images_seen'] - start_images) / max(wall_time, 1e-9):.1f} img/s; "
-                      f"pipeline in {config.output_dir}")
+                      f"session, {(progress['images_seen'] - start_images) / max(wall_time, 1e-9):.1f} img/s "
+                      f"({(progress['images_seen'] - first_images) / max(wall_time - first_seconds, 1e-9):.1f} after "
+                      f"the first step, which took {first_seconds:.1f} s); pipeline in {config.output_dir}")
 
 
 def periodic_work(config, accelerator, global_step, max_train_steps, model, noise_scheduler, ema, sampler,
@@ -327,7 +341,7 @@ def periodic_work(config, accelerator, global_step, max_train_steps, model, nois
     sample_now = (global_step % config.save_images_steps == 0) if config.save_images_steps else (
         end_of_epoch and (sampler.epoch + 1) % config.save_images_epochs == 0)
     if sample_now and accelerator.is_main_process:
-        with ema_weights(accelerator.unwrap_model(model), ema) as sampling_model:
+        with ema_weights(bare_model(accelerator, model), ema) as sampling_model:
             grid = sample_images(config, sampling_model, noise_scheduler, config.eval_batch_size, config.seed)
         log_samples(accelerator, grid, global_step)
 

@@ -73,9 +73,16 @@ ROWS = {
     "minsnr5-stratified": ("bf16 + min-SNR-5 + stratified timesteps", MIN_SNR + ["--timestep_sampling", "stratified"]),
     "minsnr5-batch32": ("bf16 + min-SNR-5 + batch 32 (twice the steps)", MIN_SNR + ["--train_batch_size", "32"]),
     "minsnr5-ema0.995": ("bf16 + min-SNR-5 + EMA decay capped at 0.995", MIN_SNR + ["--ema_max_decay", "0.995"]),
+    "bf16-v-minsnr5-inductor": ("bf16 + v-prediction + min-SNR-5, torch.compile (`--dynamo_backend inductor`)",
+                                BF16 + ["--prediction_type", "v_prediction", "--snr_gamma", "5"]),
     "bf16-noattn": ("bf16, no attention", BF16 + ["--unet.down_block_types", "[DownBlock2D, DownBlock2D, DownBlock2D]",
                                                   "--unet.up_block_types", "[UpBlock2D, UpBlock2D, UpBlock2D]"]),
 }
+# `accelerate launch` options of rows that change how a run is launched, not what it trains.
+LAUNCH_OPTIONS = {"bf16-v-minsnr5-inductor": ["--dynamo_backend", "inductor"]}
+# The trainer's last line; older runs lack the part after the first step.
+DONE_LINE = re.compile(r"done: \d+ steps, \d+ images seen, (?P<seconds>\d+) s this session, (?P<img_per_s>[\d.]+) img/s"
+                       r"(?: \((?P<after_first_step>[\d.]+) after the first step, which took (?P<first_step>[\d.]+) s\))?")
 DEFAULT_ROWS = ("bf16", "fp32", "bf16-minsnr5", "bf16-v-minsnr5", "minsnr5-lr1e-3", "minsnr5-batch32",
                 "minsnr5-stratified", "minsnr5-ema0.995")
 
@@ -103,8 +110,15 @@ def finished_run(output_dir: Path, expected: dict):
     if not (output_dir / "model_index.json").is_file() or not config_file.is_file() or not log.is_file():
         return None
     saved = {k: v for k, v in yaml.safe_load(config_file.read_text()).items() if k not in INCIDENTAL_KEYS}
-    match = re.search(r"done: \d+ steps, \d+ images seen, (\d+) s this session, ([\d.]+) img/s", log.read_text())
-    return (float(match.group(2)), int(match.group(1))) if saved == expected and match else None
+    match = DONE_LINE.search(log.read_text())
+    return (float(match["img_per_s"]), int(match["seconds"])) if saved == expected and match else None
+
+
+def launch(name: str, row_args: list) -> subprocess.CompletedProcess:
+    """Run the README's command, `accelerate launch train_accelerate.py ...`, with a row's launcher options."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return subprocess.run([str(accelerate), "launch", "--num_processes", "1", *LAUNCH_OPTIONS.get(name, []),
+                           str(ROOT / "train_accelerate.py"), *row_args], capture_output=True, text=True)
 
 
 def train_row(name: str, args, output_dir: Path):
@@ -116,10 +130,9 @@ def train_row(name: str, args, output_dir: Path):
         if output_dir.exists():
             raise SystemExit(f"{output_dir} exists but is not a finished run of row {name}; move it away first")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        accelerate = Path(sys.executable).parent / "accelerate"
-        print(f"[{name}] training: accelerate launch train_accelerate.py {' '.join(row_args)}", flush=True)
-        result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", str(ROOT / "train_accelerate.py"),
-                                 *row_args], capture_output=True, text=True)
+        print(f"[{name}] training: accelerate launch {' '.join(LAUNCH_OPTIONS.get(name, []))} train_accelerate.py "
+              f"{' '.join(row_args)}", flush=True)
+        result = launch(name, row_args)
         if result.returncode != 0:
             raise SystemExit(f"row {name} failed ({result.returncode}): {result.stderr[-1500:]}")
         (output_dir / "train.log").write_text(result.stdout + result.stderr[-3000:])
@@ -150,20 +163,20 @@ def write_json(path, protocol: dict, rows: dict, speed: dict) -> None:
                                        "rows": rows, "speed": speed}, indent=2) + "\n")
 
 
-def time_row(name: str, steps: int, workdir: Path) -> float:
-    """Get a row's img/s from a short run of the README's command (its own output folder, removed after)."""
+def time_row(name: str, steps: int, workdir: Path) -> dict:
+    """Get a row's img/s (whole run, and after the first step with that step's seconds) from a short run of the
+    README's command, in its own output folder, removed after."""
     workdir.mkdir(parents=True, exist_ok=True)
     output_dir = Path(tempfile.mkdtemp(prefix=f".speed-{name}-", dir=workdir)) / "run"  # never a folder we did not make
     row_args = trainer_args(name, 1, output_dir)
     row_args[row_args.index("--max_train_steps") + 1] = str(steps)
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run([str(accelerate), "launch", "--num_processes", "1", str(ROOT / "train_accelerate.py"),
-                             *row_args], capture_output=True, text=True)
+    result = launch(name, row_args)
     shutil.rmtree(output_dir.parent, ignore_errors=True)
-    match = re.search(r"done: \d+ steps, \d+ images seen, \d+ s this session, ([\d.]+) img/s", result.stdout)
-    if result.returncode != 0 or not match:
+    match = DONE_LINE.search(result.stdout)
+    if result.returncode != 0 or not match or match["first_step"] is None:
         raise SystemExit(f"timing row {name} failed ({result.returncode}): {result.stderr[-1500:]}")
-    return float(match.group(1))
+    return {"img_per_s": float(match["img_per_s"]), "img_per_s_after_first_step": float(match["after_first_step"]),
+            "first_step_seconds": float(match["first_step"]), "steps": steps}
 
 
 def markdown_table(study: dict) -> str:
@@ -181,6 +194,13 @@ def markdown_table(study: dict) -> str:
                      f"{'-' if alone is None else f'{alone:.1f}'} | {cells[0]} | {cells[1]} |")
     lines.append(f"| real training images | the floor at N = {study['protocol']['num_samples']} | | | {floor:.3f} / "
                  f"{study['rows']['real-train']['class_kl']:.3f} | |")
+    timed = {name: run for name, run in study.get("speed", {}).items() if "first_step_seconds" in run}
+    if timed:  # the short timing runs (--speed_steps): the first step apart, as torch.compile compiles in it
+        lines += ["", "| row (timing run) | what changed | steps | img/s | img/s after the first step | first step (s) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{name}` | {ROWS[name][0]} | {run['steps']} | {run['img_per_s']:.1f} | "
+                  f"{run['img_per_s_after_first_step']:.1f} | {run['first_step_seconds']:.1f} |"
+                  for name, run in timed.items()]
     return "\n".join(lines)
 
 
@@ -210,8 +230,10 @@ def main(argv=None):
     rows, speed = saved.get("rows", {}), saved.get("speed", {})
     if args.speed_steps:
         for name in args.rows:
-            speed[name] = {"img_per_s": time_row(name, args.speed_steps, Path(args.workdir)), "steps": args.speed_steps}
-            print(f"[{name}] {speed[name]['img_per_s']:.1f} img/s over {args.speed_steps} steps", flush=True)
+            speed[name] = time_row(name, args.speed_steps, Path(args.workdir))
+            print(f"[{name}] {speed[name]['img_per_s']:.1f} img/s over {args.speed_steps} steps, "
+                  f"{speed[name]['img_per_s_after_first_step']:.1f} after the first step "
+                  f"({speed[name]['first_step_seconds']:.1f} s)", flush=True)
             write_json(args.json, protocol, rows, speed)
         return
     evaluator = Evaluator("fmnist", "test", None, args.batch_size)

@@ -638,6 +638,28 @@ def test_mixed_precision_is_the_launchers_unless_the_config_sets_it(tmp_path, tr
     assert "mixed_precision: 'no'" in (tmp_path / "config" / "train_config.yaml").read_text()
 
 
+def test_accelerate_dynamo_backend_publishes_a_complete_pipeline_and_resumes_without_it(tmp_path, train_data_dir):
+    """`accelerate launch --dynamo_backend ...` hands the trainer a torch.compile'd model: it is saved unwrapped.
+
+    The eager backend compiles (dynamo captures the graphs) without inductor's minutes of code generation.
+    """
+    accelerate = (str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+                  "--dynamo_backend", "eager")
+    common = ("--checkpointing_steps", 2, "--save_images_steps", 2)
+    result = run_training(tmp_path / "compiled", train_data_dir, "--max_train_steps", 2, *common, launcher=accelerate)
+    assert "cannot be saved" not in result.stdout + result.stderr
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "compiled" / weights).is_file()
+    # two compiled steps, a checkpoint, two plain steps resumed from it: the weights of four plain steps
+    run_training(tmp_path / "compiled", train_data_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest",
+                 *common)
+    run_training(tmp_path / "plain", train_data_dir, "--max_train_steps", 4, *common)
+    resumed, plain = load_file(tmp_path / "compiled" / weights), load_file(tmp_path / "plain" / weights)
+    assert resumed.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(resumed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bad_input_through_accelerate_launch_shows_our_line(tmp_path):
     """accelerate launch re-raises a failed child as CalledProcessError (README says so); our line is there."""
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -717,6 +739,22 @@ def test_ablation_refuses_a_json_of_another_protocol(tmp_path, capsys):
     assert refused.value.code == 2
     assert "epochs: 2.0 -> 1.0" in capsys.readouterr().err
     assert report.read_bytes() == before and not (tmp_path / "rows").exists()
+
+
+def test_the_done_line_times_the_first_step_apart_and_the_ablation_reads_it(smoke_run):
+    """torch.compile compiles during the first step: the trainer reports it apart, and the study's table shows it."""
+    from conftest import load_benchmark
+
+    ablation = load_benchmark("ablation")
+    _, result = smoke_run
+    match = ablation.DONE_LINE.search(result.stdout)
+    assert match and match["first_step"] is not None, result.stdout[-500:]
+    assert float(match["after_first_step"]) > 0 and float(match["first_step"]) > 0
+    study = {"protocol": {"num_samples": 1000}, "rows": {"real-train": {"fid": 0.06, "class_kl": 0.002}},
+             "speed": {"bf16-v-minsnr5-inductor": {"img_per_s": 80.0, "img_per_s_after_first_step": 160.0,
+                                                   "first_step_seconds": 71.0, "steps": 150}}}
+    assert "| `bf16-v-minsnr5-inductor` | bf16 + v-prediction + min-SNR-5, torch.compile (`--dynamo_backend " \
+           "inductor`) | 150 | 80.0 | 160.0 | 71.0 |" in ablation.markdown_table(study)
 
 
 def test_fid_curve_trend_recovers_a_power_law():
