@@ -382,6 +382,34 @@ def test_fid_scale_benchmark_orders_each_degradation_ladder(tmp_path, real_data_
     assert "x floor" in capsys.readouterr().out
 
 
+def test_dark_pixels_benchmark_finds_a_grey_background_and_what_snapping_it_recovers(
+        tiny_pipeline, tmp_path, real_data_dir, reference_cache, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    from ddpm_fashion.evaluate import real_training_images
+
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
+    benchmark = load_benchmark("dark_pixels")
+    # the floor's own images with every black pixel made 3/255: a grey background and nothing else wrong
+    real = real_training_images(300, 0, real_data_dir)
+    grey = real.masked_fill(real == 0, 3)
+    save_file({"images": grey.float() / 255}, tmp_path / "grey.safetensors")
+    benchmark.main(["--images", str(tmp_path / "grey.safetensors"), "--model", str(tiny_pipeline), "--num_samples",
+                    "300", "--data_dir", real_data_dir, "--json", str(tmp_path / "dark.json")])
+    study = json.loads((tmp_path / "dark.json").read_text())
+    rows = {(row["images"], row["snapped_at_or_below"]): row for row in study["rows"]}
+    assert rows["generated", 0]["black_share"] == 0.0
+    assert rows["generated", 0]["near_black_share"] > rows["real training images", 0]["near_black_share"] + 0.3
+    assert rows["generated", 0]["fid"] > 2 * rows["real training images", 0]["fid"]
+    # snapped at 4/255 the grey images are exactly the real ones snapped at 4/255
+    assert rows["generated", 4]["fid"] == pytest.approx(rows["real training images", 4]["fid"], rel=1e-5)
+    assert 0.45 < study["reference_shares"]["black_share"] < 0.55  # half of a test image is black
+    errors = study["low_noise_errors"]
+    assert [row["timestep"] for row in errors] == list(benchmark.LOW_TIMESTEPS)
+    assert all(0 < row["noise_level"] < row_next["noise_level"] for row, row_next in zip(errors, errors[1:]))
+    assert "t =    0: noise level 0.0100" in capsys.readouterr().out
+
+
 # ---- issue 12: a samples file whose tensors are not what this model makes is refused and left alone -------------
 
 def _rewrite_samples(path, **tensors):
