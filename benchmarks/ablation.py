@@ -57,6 +57,9 @@ ROWS = {
     "bf16-minsnr5": ("bf16 + min-SNR-5 loss weights", BF16 + ["--snr_gamma", "5"]),
     "bf16-v-minsnr5": ("bf16 + v-prediction + min-SNR-5", BF16 + ["--prediction_type", "v_prediction",
                                                                  "--snr_gamma", "5"]),
+    "bf16-v": ("bf16 + v-prediction (no min-SNR)", BF16 + ["--prediction_type", "v_prediction"]),
+    "fp32-v-minsnr5": ("float32 + v-prediction + min-SNR-5", ["--mixed_precision", "no", "--prediction_type",
+                                                               "v_prediction", "--snr_gamma", "5"]),
     "bf16-stratified": ("bf16 + stratified timesteps", BF16 + ["--timestep_sampling", "stratified"]),
     "bf16-lr1e-3": ("bf16 + learning rate 1e-3", BF16 + ["--learning_rate", "1e-3"]),
     "bf16-lr2e-4": ("bf16 + learning rate 2e-4", BF16 + ["--learning_rate", "2e-4"]),
@@ -130,8 +133,8 @@ def train_row(name: str, args, output_dir: Path):
         if output_dir.exists():
             raise SystemExit(f"{output_dir} exists but is not a finished run of row {name}; move it away first")
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[{name}] training: accelerate launch {' '.join(LAUNCH_OPTIONS.get(name, []))} train_accelerate.py "
-              f"{' '.join(row_args)}", flush=True)
+        command = ["accelerate", "launch", *LAUNCH_OPTIONS.get(name, []), "train_accelerate.py", *row_args]
+        print(f"[{name}] training: {' '.join(command)}", flush=True)
         result = launch(name, row_args)
         if result.returncode != 0:
             raise SystemExit(f"row {name} failed ({result.returncode}): {result.stderr[-1500:]}")
