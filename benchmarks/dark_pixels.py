@@ -132,6 +132,7 @@ def main(argv=None):
           f"{'class KL':>9}")
     rows = rows_for("real training images", real_training_images(len(generated), args.seed, args.data_dir), evaluator)
     rows += rows_for("generated", generated, evaluator)
+    # A fresh load, with the DDPM scheduler: a fast sampler's add_noise indexes only its own (set) timesteps.
     accuracy = low_noise_errors(load_pipeline(args.model, device="cpu"), test_images, args.seed) if args.model else []
     if args.json:
         with atomic_output(Path(args.json)) as staging:
