@@ -10,11 +10,10 @@ from typing import Optional
 import torch
 
 from ddpm_fashion.checks import positive_int
-from ddpm_fashion.commands.options import add_device_option, add_seed_option, protected_outputs
+from ddpm_fashion.commands.options import add_device_option, add_scheduler_option, add_seed_option, protected_outputs
 from ddpm_fashion.evaluate import DEFAULT_NUM_SAMPLES, MIN_SAMPLES, REAL_TRAIN
 from ddpm_fashion.features import DEFAULT_BATCH_SIZE, FEATURE_CHOICES, INCEPTION_FILE
 from ddpm_fashion.files import atomic_output, check_output_path
-from ddpm_fashion.saved_pipeline import SCHEDULER_CHOICES
 
 # Float copies of all generated images held at once: the images, and the concatenation handed to the samples file.
 IMAGE_COPIES = 2
@@ -107,8 +106,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help=f"folder of a saved DDPMPipeline, or {REAL_TRAIN} to score real training images "
                              f"(the floor every table shows)")
     parser.add_argument("--num_samples", type=positive_int, default=DEFAULT_NUM_SAMPLES)
-    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
-                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config (ddim never clips x_0; ddim-from-config keeps the saved config's clip_sample, as DDIMScheduler.from_config does)")
+    add_scheduler_option(parser)
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="sampling steps (default: all training steps for DDPM, 50 for ddim, 25 for dpm)")
     parser.add_argument("--features", choices=FEATURE_CHOICES, default="fmnist",

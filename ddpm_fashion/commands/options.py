@@ -7,7 +7,7 @@ from typing import List, Optional
 from ddpm_fashion.checks import seed
 from ddpm_fashion.classifier import SHIPPED_WEIGHTS
 from ddpm_fashion.run_dir import protected_entries
-from ddpm_fashion.saved_pipeline import DEVICE_CHOICES
+from ddpm_fashion.saved_pipeline import DEVICE_CHOICES, SCHEDULER_CHOICES
 
 PROG = "ddpm-fashion"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -27,6 +27,14 @@ def add_seed_option(parser: argparse.ArgumentParser, help: str) -> None:
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     """Add --device (auto, cpu or cuda)."""
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto picks CUDA when present")
+
+
+def add_scheduler_option(parser: argparse.ArgumentParser) -> None:
+    """Add --scheduler, the sampler built from the saved DDPM scheduler config (default: our DDPM)."""
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
+                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config "
+                             "(ddim never clips x_0; ddim-from-config keeps the saved config's clip_sample, as "
+                             "DDIMScheduler.from_config does)")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

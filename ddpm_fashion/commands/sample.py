@@ -3,9 +3,9 @@
 import argparse
 
 from ddpm_fashion.checks import positive_int
-from ddpm_fashion.commands.options import IMAGE_SUFFIXES, add_model_options, protected_outputs
+from ddpm_fashion.commands.options import IMAGE_SUFFIXES, add_model_options, add_scheduler_option, protected_outputs
 from ddpm_fashion.files import atomic_output, check_output_path
-from ddpm_fashion.saved_pipeline import SCHEDULER_CHOICES, UNET_CHOICES
+from ddpm_fashion.saved_pipeline import UNET_CHOICES
 
 # Float copies of all images held at once: the images, and their grid (three channels even for grey).
 IMAGE_COPIES = 4
@@ -42,8 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add the `sample` subcommand."""
     parser = subparsers.add_parser("sample", help="generate a grid of images (and a GIF of the reverse process)")
     add_model_options(parser)
-    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
-                        help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config (ddim never clips x_0; ddim-from-config keeps the saved config's clip_sample, as DDIMScheduler.from_config does)")
+    add_scheduler_option(parser)
     parser.add_argument("--unet", choices=UNET_CHOICES, default="diffusers", help="which U-Net code runs the weights")
     parser.add_argument("--num_images", type=positive_int, default=64)
     parser.add_argument("--batch_size", type=positive_int, default=64, help="images per batch; bounds the memory")
