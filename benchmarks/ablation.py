@@ -7,7 +7,7 @@
 Every row trains the study's base (benchmarks/ablation_base.yaml: configs/cpu.yaml as it was) plus the row's
 overrides for the same number of images (`--epochs` x 60,000; max_train_steps = images / train_batch_size, so the LR
 schedule spans the row's own run) with the README's command, `accelerate launch train_accelerate.py --config ...`,
-then samples N images from the published pipeline with DPM-Solver++ 20 steps and DDIM 50 steps (the CLI's `--scheduler dpm` and `--scheduler ddim`) and
+then samples N images from the published pipeline with DPM-Solver++ 20 steps and DDIM 50 steps (the CLI's `--scheduler dpm` and `--scheduler ddim-to-t0`) and
 scores them with the project's Evaluator (FID over `fmnist` features, class KL from uniform, precision/recall)
 against the FashionMNIST test set, beside the real-training-images floor at the same N. img/s is the trainer's own
 figure for the whole run (its `done:` line); as a long study shares the machine with other work, `--speed_steps N`
@@ -48,6 +48,8 @@ BASE_CONFIG = ROOT / "benchmarks" / "ablation_base.yaml"
 # Keys that say where and how often a run writes, not what it trains: ignored when a finished folder is reused.
 INCIDENTAL_KEYS = ("output_dir", "logger", "save_images_epochs", "checkpointing_steps", "checkpoints_total_limit")
 SAMPLERS = (("dpm", 20), ("ddim", 50))
+# The study's DDIM walks down to t = 0, as the CLI's `ddim` did when its rows were scored (it now ends at t = 20).
+SCHEDULER_OF = {"dpm": "dpm", "ddim": "ddim-to-t0"}
 BF16 = ["--mixed_precision", "bf16"]
 MIN_SNR = BF16 + ["--snr_gamma", "5"]  # the leader after the first rows: later rows stack on it
 # name: (what changed, overrides on top of configs/cpu.yaml)
@@ -149,7 +151,7 @@ def score(output_dir: Path, evaluator, args) -> dict:
     ddpm_config = pipe.scheduler.config
     scores = {}
     for sampler, steps in SAMPLERS:
-        pipe.scheduler = build_scheduler(sampler, ddpm_config)
+        pipe.scheduler = build_scheduler(SCHEDULER_OF[sampler], ddpm_config)
         started = time.perf_counter()
         images = generate_images(pipe, args.num_samples, args.batch_size, steps, args.seed, progress=False)
         report = evaluator.evaluate(images)

@@ -28,21 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddpm_fashion.data import load_fashion_mnist  # noqa: E402
 from ddpm_fashion.evaluate import Evaluator, real_training_images  # noqa: E402
 from ddpm_fashion.files import atomic_output, check_output_path  # noqa: E402
+from ddpm_fashion.metrics import pixel_shares  # noqa: E402
 from ddpm_fashion.pictures import to_uint8_images  # noqa: E402
 from ddpm_fashion.data import to_model_input  # noqa: E402
 from ddpm_fashion.sampling import generate_images, inference_steps, predicted_original  # noqa: E402
 from ddpm_fashion.saved_pipeline import SCHEDULER_CHOICES, load_pipeline  # noqa: E402
 
 THRESHOLDS = (0, 1, 2, 4, 8)  # k: pixels <= k/255 become 0; 0 is the images as they are
-GREY = range(1, 8)  # "near black": 1/255 .. 7/255
 LOW_TIMESTEPS = (0, 2, 5, 10, 20, 50, 100, 200)
 ACCURACY_IMAGES = 256  # test images noised at each timestep
-
-
-def pixel_shares(images: torch.Tensor) -> dict:
-    """Get the share of uint8 pixels that are exactly 0, and that are near black (1-7 of 255)."""
-    return {"black_share": float((images == 0).float().mean()),
-            "near_black_share": float(((images >= GREY.start) & (images < GREY.stop)).float().mean())}
 
 
 def snap_dark_pixels(images: torch.Tensor, threshold: int) -> torch.Tensor:

@@ -14,7 +14,9 @@ the same --num_samples, --batch_size and --seed. Every row starts from the same 
 seeded with --seed; deterministic samplers draw nothing else, and eta > 0 draws its noise from a second generator).
 
 A setting is a preset name (see SETTINGS) or `key=value,key=value` over DDIMScheduler's config keys plus the step
-options `eta` and `use_clipped_model_output`; `sampler=dpm` gives DPM-Solver++ (the project's `--scheduler dpm`).
+options `eta`, `use_clipped_model_output` and `final_x0_from` (end the walk there with x_0_hat, STEP_OPTIONS);
+`sampler=dpm` gives DPM-Solver++ (the project's `--scheduler dpm`). Each row also records the share of black and
+near-black pixels of its images (FashionMNIST's background is exactly black; benchmarks/dark_pixels.py).
 For DDIM rows the JSON also records what clipping x_0_hat to [-1, 1] changes along the row's own trajectory
 (applied when clip_sample=True, hypothetical otherwise): `clipped_share`, the mean share of x_0_hat pixels outside
 [-1, 1] per step, and `clip_shift_total`, the sum over steps of the RMS of clip(x_0_hat) - x_0_hat. With
@@ -38,9 +40,12 @@ import torch
 from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ddpm_fashion.ddim import EndingDDIMScheduler  # noqa: E402
 from ddpm_fashion.evaluate import REAL_TRAIN, Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.features import FEATURE_CHOICES  # noqa: E402
 from ddpm_fashion.files import atomic_output, continue_study  # noqa: E402
+from ddpm_fashion.metrics import pixel_shares  # noqa: E402
+from ddpm_fashion.pictures import to_uint8_images  # noqa: E402
 from ddpm_fashion.samples_file import pipeline_fingerprint  # noqa: E402
 from ddpm_fashion.sampling import generate_images, predicted_original  # noqa: E402
 from ddpm_fashion.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
@@ -60,7 +65,10 @@ SETTINGS = {
 }
 DEFAULT_SETTINGS = ("inherited", "noclip", "noclip-trailing")
 DEFAULT_STEPS = (25, 50, 100)
-STEP_OPTIONS = ("eta", "use_clipped_model_output")
+# Step options, beside DDIMScheduler's config keys. `final_x0_from=K` ends the walk at the first timestep >= K and
+# returns that step's x_0_hat (ddpm_fashion.EndingDDIMScheduler, what `--scheduler ddim` runs with K = 20): the
+# steps below K, where the U-Net is least accurate (benchmarks/dark_pixels.py), are skipped whatever the step count.
+STEP_OPTIONS = ("eta", "use_clipped_model_output", "final_x0_from")
 ROW_KEYS = ("fid", "precision", "recall", "class_kl_from_uniform", "class_histogram")
 
 
@@ -103,7 +111,8 @@ def make_scheduler(base_config, options: dict, seed: int, diagnostics: dict):
     if options.pop("sampler", "ddim") == "dpm":
         return build_scheduler("dpm", base_config)
     step_options = {key: options.pop(key) for key in STEP_OPTIONS if key in options}
-    scheduler = DDIMScheduler.from_config(base_config, **options)
+    scheduler = EndingDDIMScheduler.from_config(base_config, **options)
+    scheduler.final_timestep = step_options.get("final_x0_from", 0)  # 0: DDIMScheduler, step for step
     original_step = scheduler.step
     eta = step_options.get("eta", 0.0)
     # eta > 0 draws its noise from its own generator, so x_T of every batch is the same as in deterministic rows.
@@ -129,7 +138,7 @@ def describe_timesteps(scheduler, steps: int) -> dict:
     """Get the first and last timesteps a scheduler walks, and the alpha_bar it ends on (DDIM only)."""
     scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in scheduler.timesteps]
-    described = {"first_timestep": timesteps[0], "last_timestep": timesteps[-1]}
+    described = {"first_timestep": timesteps[0], "last_timestep": timesteps[-1], "model_calls": len(timesteps)}
     if isinstance(scheduler, DDIMScheduler):
         described["final_alpha_cumprod"] = float(scheduler.final_alpha_cumprod)
         # DDIM steps from t to t - T // steps, which is the next timestep only when the spacing is that integer.
@@ -163,11 +172,11 @@ def format_row(row: dict) -> str:
     steps = "-" if row["steps"] is None else str(row["steps"])
     return (f"{row['setting']:26} {steps:>5} {number('fid', 8, 3)} {number('precision', 9, 3)} "
             f"{number('recall', 7, 3)} {number('class_kl_from_uniform', 9, 4)} {number('clipped_share', 8, 4)} "
-            f"{number('clip_shift_total', 10, 1)} {number('seconds', 8, 1)}")
+            f"{number('clip_shift_total', 10, 1)} {number('black_share', 6, 3)} {number('seconds', 8, 1)}")
 
 
 HEADER = (f"{'setting':26} {'steps':>5} {'FID':>8} {'precision':>9} {'recall':>7} {'class KL':>9} {'clipped':>8} "
-          f"{'clip shift':>10} {'seconds':>8}")
+          f"{'clip shift':>10} {'black':>6} {'seconds':>8}")
 
 
 def run_row(pipe, base_config, evaluator, spec: str, steps: int, args) -> dict:
@@ -181,11 +190,10 @@ def run_row(pipe, base_config, evaluator, spec: str, steps: int, args) -> dict:
     seconds = time.perf_counter() - started
     report = evaluator.evaluate(images)
     row = {"setting": spec, "options": options, "steps": steps, **{key: report[key] for key in ROW_KEYS},
-           "seconds": round(seconds, 1), **described}
+           **pixel_shares(to_uint8_images(images)), "seconds": round(seconds, 1), **described}
     if options.get("sampler") != "dpm" and diagnostics["image_steps"]:
-        images_per_step = diagnostics["image_steps"] / steps  # = num_samples
         row["clipped_share"] = diagnostics["clipped_sum"] / diagnostics["image_steps"]
-        row["clip_shift_total"] = diagnostics["shift_sum"] / images_per_step
+        row["clip_shift_total"] = diagnostics["shift_sum"] / args.num_samples  # summed over the steps, per image
     return row
 
 

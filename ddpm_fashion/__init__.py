@@ -1,6 +1,7 @@
 """ddpm_fashion: a readable DDPM for FashionMNIST with its own scheduler and U-Net, proven equal to diffusers'."""
 
 from .data import CLASS_NAMES, ShardedBatchSampler, crop_to_28, fashion_mnist_dataset, load_fashion_mnist, to_model_input
+from .ddim import EndingDDIMScheduler
 from .scheduler import DDPMScheduler, DDPMSchedulerOutput
 from .unet import UNet
 
@@ -9,6 +10,7 @@ __all__ = [
     "CLASS_NAMES",
     "DDPMScheduler",
     "DDPMSchedulerOutput",
+    "EndingDDIMScheduler",
     "ShardedBatchSampler",
     "UNet",
     "crop_to_28",

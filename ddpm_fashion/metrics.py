@@ -5,6 +5,7 @@
   Models" (k = 3), computed in ddpm_fashion/precision_recall.py (own k-NN code, so no library release can swap
   the arguments' meaning).
 - Class balance: KL divergence of the classifier's class histogram from uniform, in nats.
+- Background: the share of black and near-black pixels (FashionMNIST's background is exactly black).
 """
 
 import torch
@@ -46,3 +47,12 @@ def kl_from_uniform(histogram: torch.Tensor) -> float:
     uniform = 1.0 / len(histogram)
     # xlogy makes empty classes contribute 0, the limit of p log p.
     return torch.special.xlogy(histogram, histogram / uniform).sum().item()
+
+
+NEAR_BLACK = range(1, 8)  # "near black": 1/255 .. 7/255
+
+
+def pixel_shares(images: torch.Tensor) -> dict:
+    """Get the share of uint8 pixels that are exactly 0, and that are near black (1-7 of 255)."""
+    return {"black_share": float((images == 0).float().mean()),
+            "near_black_share": float(((images >= NEAR_BLACK.start) & (images < NEAR_BLACK.stop)).float().mean())}

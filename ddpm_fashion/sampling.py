@@ -21,7 +21,7 @@ from ddpm_fashion.resources import available_memory, check_memory, estimate_unet
 from ddpm_fashion.saved_pipeline import UNET_CONFIG
 
 # Fast samplers need far fewer steps than the 1000 training steps DDPM walks through; these are their usual counts.
-DEFAULT_INFERENCE_STEPS = {"ddim": 50, "ddim-from-config": 50, "dpm": 25}
+DEFAULT_INFERENCE_STEPS = {"ddim": 50, "ddim-to-t0": 50, "ddim-from-config": 50, "dpm": 25}
 
 
 def check_num_inference_steps(pipe: DDPMPipeline, num_inference_steps: Optional[int]) -> int:

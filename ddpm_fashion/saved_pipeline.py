@@ -14,10 +14,11 @@ from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from safetensors import SafetensorError
 
 from ddpm_fashion.checks import one_line, require_choice
+from ddpm_fashion.ddim import EndingDDIMScheduler
 from ddpm_fashion.files import read_json_object
 from ddpm_fashion.scheduler import DDPMScheduler
 
-SCHEDULER_CHOICES = ("own", "diffusers", "ddim", "ddim-from-config", "dpm")
+SCHEDULER_CHOICES = ("own", "diffusers", "ddim", "ddim-to-t0", "ddim-from-config", "dpm")
 UNET_CHOICES = ("own", "diffusers")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 INDEX_FILE = "model_index.json"
@@ -67,14 +68,24 @@ def build_scheduler(name: str, config) -> object:
         return DDPMScheduler.from_config(config)
     if name == "diffusers":
         return LibraryDDPMScheduler.from_config(config)
-    if name == "ddim":
+    if name in ("ddim", "ddim-to-t0"):
         # Not DDPM's clip_sample=True, which from_config would inherit: clipping x_0 at every step of a deterministic
         # sampler compounds, and FID then rises with the step count (benchmarks/ddim_steps.py measures it).
-        return DDIMScheduler.from_config(config, clip_sample=False)
+        scheduler = EndingDDIMScheduler.from_config(config, clip_sample=False)
+        if name == "ddim-to-t0":
+            scheduler.final_timestep = 0  # every timestep down to t = 0: diffusers' DDIMScheduler, step for step
+        return scheduler
     if name == "ddim-from-config":
         return DDIMScheduler.from_config(config)  # every option the saved config has, clip_sample included
     # DPM-Solver++ (the data-prediction form) is the variant recommended for sampling from a trained DDPM.
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+
+
+def sampler_settings(name: str, scheduler) -> dict:
+    """Get what makes a sampler's images, beyond its name: a samples file is only continued with the same."""
+    if isinstance(scheduler, EndingDDIMScheduler) and scheduler.final_timestep:
+        return {"sampler": name, "final_timestep": scheduler.final_timestep}  # `ddim` walked to t = 0 before
+    return {"sampler": name}
 
 
 def _load_unet(path: Path, name: str):

@@ -16,6 +16,7 @@ from ddpm_fashion.cli import main
 from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
 from ddpm_fashion.precision_recall import precision_recall
 from ddpm_fashion.reference_cache import CACHE_ENV, reference_features
+from ddpm_fashion.sampling import predicted_original
 
 NUM_IMAGES = 1000  # enough for stable FID ranks of a 128-d feature, few enough to stay fast
 JSON_KEYS = {"fid", "features", "num_samples", "reference", "sampler", "num_inference_steps", "precision", "recall",
@@ -199,6 +200,7 @@ def test_evaluate_generated_images_reports_sampler_and_speed(tiny_pipeline, real
     report = json.loads(report_path.read_text())
     assert JSON_KEYS <= set(report)
     assert report["sampler"] == "ddim" and report["num_inference_steps"] == 2 and report["num_samples"] == 20
+    assert report["final_timestep"] == 20  # `ddim` ends its walk there (ddpm_fashion/ddim.py)
     assert report["seconds_per_1000_images"] > 0 and "CPU" in report["machine"]
     assert report["fid"] > 10  # an untrained U-Net makes no garments
     assert "s per 1000 images" in out
@@ -353,6 +355,30 @@ def test_evaluate_refuses_a_samples_file_of_other_settings_and_leaves_it_alone(
     assert (tmp_path / "samples.safetensors").read_bytes() == before and not (tmp_path / "report.json").exists()
 
 
+def test_a_samples_file_of_ddim_from_before_it_ended_at_t_20_is_refused_not_continued(
+        tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10, "--num_samples", 20,
+            "--samples_file", "samples.safetensors", "--data_dir", real_data_dir, "--device", "cpu"]
+    code, _, err = run_cli([*argv, "--scheduler", "ddim-to-t0"], capsys)
+    assert code == 0, err
+    # the file `--scheduler ddim` wrote when it still walked down to t = 0: the same images, named "ddim"
+    with safe_open("samples.safetensors", framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    settings = json.loads(metadata["settings"])
+    assert settings["sampler"] == "ddim-to-t0" and "final_timestep" not in settings
+    metadata["settings"] = json.dumps({**settings, "sampler": "ddim"}, sort_keys=True)
+    save_file(tensors, "samples.safetensors", metadata=metadata)
+    before = (tmp_path / "samples.safetensors").read_bytes()
+    code, _, err = run_cli([*argv, "--scheduler", "ddim", "--json", "report.json"], capsys)
+    assert code == 2 and "final_timestep None" in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "samples.safetensors").read_bytes() == before and not (tmp_path / "report.json").exists()
+
+
 def test_evaluate_refuses_a_file_that_is_not_its_samples_and_never_overwrites_it(
         tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(reference_cache))
@@ -465,6 +491,31 @@ def test_a_reference_cache_inside_the_shipped_weights_is_not_written(evaluator, 
     assert "not caching reference features" in capsys.readouterr().err
 
 
+def test_ddim_steps_final_x0_from_ends_the_walk_with_that_steps_x0_estimate():
+    from diffusers import DDIMScheduler
+
+    ddim_steps = load_benchmark("ddim_steps")
+    config = LibraryDDPMScheduler(num_train_timesteps=1000).config
+    diagnostics = {"shift_sum": 0.0, "clipped_sum": 0.0, "image_steps": 0}
+    ended = ddim_steps.make_scheduler(config, ddim_steps.parse_setting("clip_sample=false,final_x0_from=200"), 0,
+                                      diagnostics)
+    plain = DDIMScheduler.from_config(config, clip_sample=False)
+    ended.set_timesteps(4)
+    plain.set_timesteps(4)
+    assert ended.timesteps.tolist() == [750, 500, 250] and plain.timesteps.tolist() == [750, 500, 250, 0]
+    described = ddim_steps.describe_timesteps(ddim_steps.make_scheduler(
+        config, ddim_steps.parse_setting("clip_sample=false,final_x0_from=200"), 0, dict(diagnostics)), 4)
+    assert (described["last_timestep"], described["model_calls"]) == (250, 3)
+    generator = torch.Generator().manual_seed(0)
+    sample, model_output = torch.randn(2, 1, 8, 8, generator=generator), torch.randn(2, 1, 8, 8, generator=generator)
+    # above the end: the plain DDIM step; at the end: x_0_hat itself, not a step to t = 0
+    torch.testing.assert_close(ended.step(model_output, 500, sample).prev_sample,
+                               plain.step(model_output, 500, sample).prev_sample, rtol=0, atol=0)
+    final = ended.step(model_output, 250, sample)
+    torch.testing.assert_close(final.prev_sample, predicted_original(plain, model_output, 250, sample))
+    assert not torch.allclose(final.prev_sample, plain.step(model_output, 250, sample).prev_sample)
+
+
 def test_ddim_steps_benchmark_writes_a_row_per_setting_and_step_count(tiny_pipeline, real_data_dir, reference_cache,
                                                                        tmp_path, capsys):
     ddim_steps = load_benchmark("ddim_steps")
@@ -475,6 +526,7 @@ def test_ddim_steps_benchmark_writes_a_row_per_setting_and_step_count(tiny_pipel
     assert [(row["setting"], row["steps"]) for row in rows] == [
         ("inherited", 2), ("inherited", 4), ("noclip", 2), ("noclip", 4)]
     assert all(math.isfinite(row["fid"]) and row["fid"] > 0 for row in rows)
+    assert all(0 <= row["black_share"] <= 1 and 0 <= row["near_black_share"] <= 1 for row in rows)
     # the two settings really sample differently (clipping x_0 or not), from the same noise
     assert rows[1]["fid"] != rows[3]["fid"]
     assert [row["fid"] for row in json.loads(report.read_text())["rows"]] == [row["fid"] for row in rows]

@@ -24,8 +24,9 @@ def open_samples_file(args: argparse.Namespace, pipe, num_inference_steps: int, 
     from ddpm_fashion.evaluate import machine_description
     from ddpm_fashion.sampling import sample_shape
     from ddpm_fashion.samples_file import SamplesFile, pipeline_fingerprint
+    from ddpm_fashion.saved_pipeline import sampler_settings
 
-    settings = {"model_sha256": pipeline_fingerprint(args.model), "sampler": args.scheduler,
+    settings = {"model_sha256": pipeline_fingerprint(args.model), **sampler_settings(args.scheduler, pipe.scheduler),
                 "num_inference_steps": num_inference_steps, "seed": args.seed, "batch_size": args.batch_size,
                 "device": device.type}
     return SamplesFile(Path(args.samples_file), settings, args.num_samples, args.batch_size,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate (or take real training) images, score them against the test set, print and save the report."""
     from ddpm_fashion import sampling
     from ddpm_fashion.evaluate import Evaluator, format_report, real_training_images
-    from ddpm_fashion.saved_pipeline import load_pipeline, resolve_device
+    from ddpm_fashion.saved_pipeline import load_pipeline, resolve_device, sampler_settings
 
     generated = args.model != REAL_TRAIN
     protected = protected_outputs(args.model if generated else None)
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         steps = sampling.inference_steps(pipe, args.scheduler, args.num_inference_steps)
         sampling.check_sampling_memory(pipe, min(args.batch_size, args.num_samples), args.num_samples,
                                        "--batch_size", "--num_samples", IMAGE_COPIES)
-        protocol.update(sampler=args.scheduler, num_inference_steps=steps)
+        protocol.update(**sampler_settings(args.scheduler, pipe.scheduler), num_inference_steps=steps)
         samples_file = open_samples_file(args, pipe, steps, device) if args.samples_file else None
     else:
         images = real_training_images(args.num_samples, args.seed, args.data_dir)

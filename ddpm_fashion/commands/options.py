@@ -33,8 +33,9 @@ def add_scheduler_option(parser: argparse.ArgumentParser) -> None:
     """Add --scheduler, the sampler built from the saved DDPM scheduler config (default: our DDPM)."""
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
                         help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config "
-                             "(ddim never clips x_0; ddim-from-config keeps the saved config's clip_sample, as "
-                             "DDIMScheduler.from_config does)")
+                             "(ddim never clips x_0 and ends at t = 20 with its x_0 estimate, where the U-Net stops "
+                             "denoising well; ddim-to-t0 walks down to t = 0; ddim-from-config is "
+                             "DDIMScheduler.from_config, clip_sample included)")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
