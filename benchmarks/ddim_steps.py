@@ -1,6 +1,6 @@
 """DDIM sample quality against its number of steps, per scheduler setting: which setting makes FID rise with steps?
 
-    python benchmarks/ddim_steps.py --model out-cpu [--settings inherited noclip noclip-trailing ...]
+    python benchmarks/ddim_steps.py --model out-cpu [--settings clip_sample=false,final_x0_from=20 noclip ...]
         [--steps 25 50 100] [--num_samples 1000] [--batch_size 250] [--seed 0] [--floor]
         [--json benchmarks/results/ddim_steps.json]
 
@@ -63,7 +63,8 @@ SETTINGS = {
     "noclip-leading-alpha0": {"clip_sample": False, "set_alpha_to_one": False},
     "dpm": {"sampler": "dpm"},
 }
-DEFAULT_SETTINGS = ("inherited", "noclip", "noclip-trailing")
+# `--scheduler ddim` (no clipping, the walk ended at t = 20), ddim-to-t0 (`noclip`), and DDIMScheduler.from_config.
+DEFAULT_SETTINGS = ("clip_sample=false,final_x0_from=20", "noclip", "inherited")
 DEFAULT_STEPS = (25, 50, 100)
 # Step options, beside DDIMScheduler's config keys. `final_x0_from=K` ends the walk at the first timestep >= K and
 # returns that step's x_0_hat (ddpm_fashion.EndingDDIMScheduler, what `--scheduler ddim` runs with K = 20): the

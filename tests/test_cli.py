@@ -161,7 +161,7 @@ def test_sample_writes_a_grid_and_a_reverse_process_gif(model_dir, tmp_path, cap
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not the staging file's private one
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "diffusers"])
+@pytest.mark.parametrize("scheduler", ["ddim", "ddim-to-t0", "dpm", "diffusers"])
 def test_sample_with_other_schedulers(model_dir, tmp_path, capsys, scheduler):
     out = tmp_path / "samples.png"
     code, stdout, _ = run_cli(["sample", "--model", model_dir, "--scheduler", scheduler, "--num_inference_steps", 3,
