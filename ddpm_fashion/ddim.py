@@ -1,9 +1,10 @@
 """DDIM that stops above the lowest noise levels: diffusers' DDIMScheduler, its walk ended early with x_0_hat.
 
 DDIM (Song et al. 2021) walks its timesteps down to t = 0 and returns the x_0_hat of the last one. Below about
-t = 20 (noise of std 0.08 in [-1, 1] units) the project's min-SNR-weighted models barely denoise: their x_0_hat
-error there is as large as the noise itself (benchmarks/dark_pixels.py), so a sampler that walks those timesteps
-finely follows the U-Net's error, leaves the black background grey, and scores worse the more steps it takes.
+t = 20 (noise of std 0.08 in [-1, 1] units) the project's min-SNR-weighted models are least accurate against the
+noise they have to remove (at t = 0 they remove an eighth of it; benchmarks/dark_pixels.py), so a sampler that walks
+those timesteps finely follows the U-Net's error, leaves the black background grey, and scored worse the more steps
+it took.
 Ending the walk at the first timestep >= `final_timestep` and returning that step's x_0_hat skips them, whatever
 the step count: on the reference model DDIM's FID then falls with the steps (50 / 100 / 250) instead of rising
 (`python benchmarks/ddim_steps.py --settings clip_sample=false,final_x0_from=20`; README, Results). This is
