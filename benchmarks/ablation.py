@@ -48,10 +48,13 @@ BASE_CONFIG = ROOT / "benchmarks" / "ablation_base.yaml"
 # Keys that say where and how often a run writes, not what it trains: ignored when a finished folder is reused.
 INCIDENTAL_KEYS = ("output_dir", "logger", "save_images_epochs", "checkpointing_steps", "checkpoints_total_limit")
 SAMPLERS = (("dpm", 20), ("ddim", 50))
-# The study's DDIM walks down to t = 0, as the CLI's `ddim` did when its rows were scored (it now ends at t = 20).
+# The study's DDIM walks down to t = 0, as the CLI's `ddim` did when its rows were scored (it now ends earlier).
 SCHEDULER_OF = {"dpm": "dpm", "ddim": "ddim-to-t0"}
 BF16 = ["--mixed_precision", "bf16"]
 MIN_SNR = BF16 + ["--snr_gamma", "5"]  # the leader after the first rows: later rows stack on it
+# configs/cpu.yaml's levers, each a measured row, together (`auto` precision is bf16 on the study's CPU)
+CPU_YAML = BF16 + ["--prediction_type", "v_prediction", "--snr_gamma", "5", "--timestep_sampling", "stratified",
+                   "--train_batch_size", "32"]
 # name: (what changed, overrides on top of configs/cpu.yaml)
 ROWS = {
     "fp32": ("cpu.yaml as it was: float32", ["--mixed_precision", "no"]),
@@ -80,6 +83,9 @@ ROWS = {
     "minsnr5-ema0.995": ("bf16 + min-SNR-5 + EMA decay capped at 0.995", MIN_SNR + ["--ema_max_decay", "0.995"]),
     "bf16-v-minsnr5-inductor": ("bf16 + v-prediction + min-SNR-5, torch.compile (`--dynamo_backend inductor`)",
                                 BF16 + ["--prediction_type", "v_prediction", "--snr_gamma", "5"]),
+    "cpu-yaml": ("configs/cpu.yaml's recipe: bf16 + v-prediction + min-SNR-5 + stratified timesteps + batch 32",
+                 CPU_YAML),
+    "cpu-yaml-noema": ("configs/cpu.yaml's recipe, no EMA (the raw weights)", CPU_YAML + ["--use_ema", "false"]),
     "bf16-noattn": ("bf16, no attention", BF16 + ["--unet.down_block_types", "[DownBlock2D, DownBlock2D, DownBlock2D]",
                                                   "--unet.up_block_types", "[UpBlock2D, UpBlock2D, UpBlock2D]"]),
 }

@@ -1,6 +1,6 @@
 """DDIM sample quality against its number of steps, per scheduler setting: which setting makes FID rise with steps?
 
-    python benchmarks/ddim_steps.py --model out-cpu [--settings clip_sample=false,final_x0_from=20 noclip ...]
+    python benchmarks/ddim_steps.py --model out-cpu [--settings clip_sample=false,final_x0_from=40 noclip ...]
         [--steps 25 50 100] [--num_samples 1000] [--batch_size 250] [--seed 0] [--floor]
         [--json benchmarks/results/ddim_steps.json]
 
@@ -9,8 +9,8 @@ from the pipeline's own (DDPM) scheduler config plus the setting's overrides, ex
 `DDIMScheduler.from_config(config, **overrides)`, and scores them with the project's Evaluator (FID, precision,
 recall, class histogram and its KL from uniform against the FashionMNIST test set, `fmnist` features by default).
 Sampling is ddpm_fashion.sampling.generate_images, so batching and seeding are those of `ddpm-fashion evaluate`:
-the `inherited` row at S steps is `ddpm-fashion evaluate --model M --scheduler ddim --num_inference_steps S` with
-the same --num_samples, --batch_size and --seed. Every row starts from the same initial noise x_T (one generator
+the `inherited` row at S steps is `ddpm-fashion evaluate --model M --scheduler ddim-from-config
+--num_inference_steps S` with the same --num_samples, --batch_size and --seed. Every row starts from the same initial noise x_T (one generator
 seeded with --seed; deterministic samplers draw nothing else, and eta > 0 draws its noise from a second generator).
 
 A setting is a preset name (see SETTINGS) or `key=value,key=value` over DDIMScheduler's config keys plus the step
@@ -40,7 +40,7 @@ import torch
 from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddpm_fashion.ddim import EndingDDIMScheduler  # noqa: E402
+from ddpm_fashion.ddim import FINAL_TIMESTEP, EndingDDIMScheduler  # noqa: E402
 from ddpm_fashion.evaluate import REAL_TRAIN, Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.features import FEATURE_CHOICES  # noqa: E402
 from ddpm_fashion.files import atomic_output, continue_study  # noqa: E402
@@ -63,11 +63,12 @@ SETTINGS = {
     "noclip-leading-alpha0": {"clip_sample": False, "set_alpha_to_one": False},
     "dpm": {"sampler": "dpm"},
 }
-# `--scheduler ddim` (no clipping, the walk ended at t = 20), ddim-to-t0 (`noclip`), and DDIMScheduler.from_config.
-DEFAULT_SETTINGS = ("clip_sample=false,final_x0_from=20", "noclip", "inherited")
+# `--scheduler ddim` (no clipping, the walk ended at t = FINAL_TIMESTEP), ddim-to-t0 (`noclip`), and
+# DDIMScheduler.from_config (`ddim-from-config`).
+DEFAULT_SETTINGS = (f"clip_sample=false,final_x0_from={FINAL_TIMESTEP}", "noclip", "inherited")
 DEFAULT_STEPS = (25, 50, 100)
 # Step options, beside DDIMScheduler's config keys. `final_x0_from=K` ends the walk at the first timestep >= K and
-# returns that step's x_0_hat (ddpm_fashion.EndingDDIMScheduler, what `--scheduler ddim` runs with K = 20): the
+# returns that step's x_0_hat (ddpm_fashion.EndingDDIMScheduler, what `--scheduler ddim` runs with K = FINAL_TIMESTEP):
 # steps below K, where the U-Net is least accurate (benchmarks/dark_pixels.py), are skipped whatever the step count.
 STEP_OPTIONS = ("eta", "use_clipped_model_output", "final_x0_from")
 ROW_KEYS = ("fid", "precision", "recall", "class_kl_from_uniform", "class_histogram")

@@ -180,8 +180,10 @@ def generate_images(
         images.append(finished)
     start = sum(len(batch) for batch in images)
     batch_sizes = [min(batch_size, num_images - begin) for begin in range(start, num_images, batch_size)]
-    total_steps = (start // batch_size + len(batch_sizes)) * num_inference_steps
-    with tqdm(total=total_steps, initial=start // batch_size * num_inference_steps, desc="sampling", unit="step",
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    walk = len(pipe.scheduler.timesteps)  # U-Net calls per batch: `ddim` ends its walk before the last steps
+    total_steps = (start // batch_size + len(batch_sizes)) * walk
+    with tqdm(total=total_steps, initial=start // batch_size * walk, desc="sampling", unit="step",
               disable=not progress) as bar:
         for batch_index, size in enumerate(batch_sizes, start=start // batch_size):
             noise = initial_noise(pipe, size, generator)

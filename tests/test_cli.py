@@ -85,6 +85,18 @@ def test_generate_images_in_batches_is_seeded_and_bounded_to_unit_range(model_di
     assert (first_batch - other_seed).abs().max() > 0.01
 
 
+@pytest.mark.parametrize("scheduler, walk", [("ddim", 9), ("ddim-to-t0", 10), ("dpm", 10)])
+def test_the_progress_bar_counts_the_unet_calls_of_the_walk(model_dir, scheduler, walk, capsys):
+    """`ddim` ends at t = 40, so 10 leading steps (900, ..., 100, 0) make 9 U-Net calls, and the bar ends full."""
+    pipe = saved_pipeline.load_pipeline(model_dir, scheduler=scheduler, device="cpu")
+    calls = []
+    unet_forward = pipe.unet.forward
+    pipe.unet.forward = lambda *args, **kwargs: calls.append(1) or unet_forward(*args, **kwargs)
+    sampling.generate_images(pipe, 3, batch_size=2, num_inference_steps=10, seed=0, progress=True)
+    assert len(calls) == 2 * walk
+    assert f"{2 * walk}/{2 * walk}" in capsys.readouterr().err
+
+
 def test_load_pipeline_builds_the_requested_scheduler_and_unet(model_dir):
     own = saved_pipeline.load_pipeline(model_dir, scheduler="own", unet="own", device="cpu")
     assert isinstance(own.scheduler, DDPMScheduler) and isinstance(own.unet, UNet)

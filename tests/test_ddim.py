@@ -28,20 +28,20 @@ def sample_with(unet, scheduler, steps):
 
 
 @pytest.mark.parametrize("steps", [50, 100, 250])
-def test_leading_walks_of_50_100_250_steps_all_end_at_t_20(steps):
+def test_leading_walks_of_50_100_250_steps_all_end_at_t_40(steps):
     scheduler = EndingDDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False)
     scheduler.set_timesteps(steps)
     plain = DDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False)
     plain.set_timesteps(steps)
-    assert FINAL_TIMESTEP == 20 and int(scheduler.timesteps[-1]) == 20
-    # the same timesteps as DDIM down to t = 20, and none below
-    assert scheduler.timesteps.tolist() == [t for t in plain.timesteps.tolist() if t >= 20]
+    assert FINAL_TIMESTEP == 40 and int(scheduler.timesteps[-1]) == 40
+    # the same timesteps as DDIM down to t = 40, and none below
+    assert scheduler.timesteps.tolist() == [t for t in plain.timesteps.tolist() if t >= 40]
 
 
 def test_trailing_spacing_ends_at_the_first_timestep_at_or_above_the_end():
     scheduler = EndingDDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False, timestep_spacing="trailing")
     scheduler.set_timesteps(50)  # trailing: 999, 979, ..., 39, 19
-    assert scheduler.timesteps.tolist()[-2:] == [59, 39]
+    assert scheduler.timesteps.tolist()[-2:] == [79, 59]  # 39 is below the end
 
 
 def test_a_walk_with_nothing_at_or_above_the_end_keeps_its_first_timestep():
@@ -59,7 +59,7 @@ def test_final_timestep_0_is_diffusers_ddim_bit_for_bit(tiny_unet):
 
 
 def test_the_walk_returns_the_x0_estimate_of_its_last_timestep(tiny_unet):
-    """Plain DDIM over the kept timesteps, then x_0_hat at t = 20 instead of the steps below it."""
+    """Plain DDIM over the kept timesteps, then x_0_hat at the last kept one instead of the steps below it."""
     scheduler = EndingDDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False)
     images = sample_with(tiny_unet, scheduler, 10)  # leading: 900, ..., 100, 0 -> ends at 100
     assert scheduler.timesteps.tolist()[-1] == 100
@@ -83,16 +83,16 @@ def test_step_tuple_form_matches_diffusers_and_the_last_step_gives_x0_for_any_et
     scheduler.set_timesteps(50)
     generator = torch.Generator().manual_seed(1)
     sample, model_output = torch.randn(2, 1, 4, 4, generator=generator), torch.randn(2, 1, 4, 4, generator=generator)
-    prev, x0 = scheduler.step(model_output, 20, sample, return_dict=False)
+    prev, x0 = scheduler.step(model_output, 40, sample, return_dict=False)
     assert torch.equal(prev, x0)
     # stochastic DDIM too: the step to alpha_bar = 1 has no noise term
-    prev, x0 = scheduler.step(model_output, 20, sample, eta=1.0, generator=torch.Generator().manual_seed(2),
+    prev, x0 = scheduler.step(model_output, 40, sample, eta=1.0, generator=torch.Generator().manual_seed(2),
                               return_dict=False)
     assert torch.equal(prev, x0)
-    prev, x0 = scheduler.step(model_output, 40, sample, return_dict=False)
+    prev, x0 = scheduler.step(model_output, 60, sample, return_dict=False)
     plain = DDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False)
     plain.set_timesteps(50)
-    expected = plain.step(model_output, 40, sample, return_dict=False)
+    expected = plain.step(model_output, 60, sample, return_dict=False)
     assert torch.equal(prev, expected[0]) and torch.equal(x0, expected[1])
 
 

@@ -683,6 +683,23 @@ def test_every_ablation_row_is_a_valid_config_of_one_epoch():
         assert config.output_dir == "unused-out" and config.logger == "none"
 
 
+def test_the_cpu_yaml_ablation_row_trains_what_configs_cpu_yaml_trains():
+    """The row named after configs/cpu.yaml differs from it only in length and where it writes (bf16 is what
+    cpu.yaml's `auto` picks on a CPU with native bf16, the study's machine)."""
+    from dataclasses import asdict
+
+    from conftest import load_benchmark
+    from ddpm_fashion.config import parse_config
+
+    ablation = load_benchmark("ablation")
+    row, _, _ = parse_config(ablation.trainer_args("cpu-yaml", 1, "unused-out"))
+    recipe, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])
+    differing = {key for key, value in asdict(row).items() if asdict(recipe)[key] != value}
+    assert {"max_train_steps", "mixed_precision"} <= differing
+    assert differing <= {"max_train_steps", "mixed_precision", *ablation.INCIDENTAL_KEYS}, differing
+    assert (row.mixed_precision, recipe.mixed_precision) == ("bf16", "auto")
+
+
 def test_fid_curve_scores_each_checkpoint_with_its_own_weights(smoke_run, tmp_path):
     from conftest import load_benchmark
 

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from ddpm_fashion.checks import seed
 from ddpm_fashion.classifier import SHIPPED_WEIGHTS
+from ddpm_fashion.ddim import FINAL_TIMESTEP
 from ddpm_fashion.run_dir import protected_entries
 from ddpm_fashion.saved_pipeline import DEVICE_CHOICES, SCHEDULER_CHOICES
 
@@ -33,8 +34,9 @@ def add_scheduler_option(parser: argparse.ArgumentParser) -> None:
     """Add --scheduler, the sampler built from the saved DDPM scheduler config (default: our DDPM)."""
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="own",
                         help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config "
-                             "(ddim never clips x_0 and ends at t = 20 with its x_0 estimate, where the U-Net stops "
-                             "denoising well; ddim-to-t0 walks down to t = 0; ddim-from-config is "
+                             f"(ddim never clips x_0 and ends at t = {FINAL_TIMESTEP} with its x_0 estimate, above "
+                             "the noise levels the U-Net denoises worst; ddim-to-t0 walks down to t = 0; "
+                             "ddim-from-config is "
                              "DDIMScheduler.from_config, clip_sample included)")
 
 
