@@ -3,6 +3,7 @@
     python benchmarks/ablation.py [--rows NAME ...] [--epochs 1] [--num_samples 1000] [--batch_size 250]
         [--workdir /work/runs/ablation] [--json benchmarks/results/ablation.json]
     python benchmarks/ablation.py --speed_steps 150 [--rows NAME ...]     # img/s only, short runs, idle machine
+    python benchmarks/ablation.py --epochs 2 --rows cpu-yaml cpu-yaml-noema --json benchmarks/results/ablation_2ep.json
 
 Every row trains the study's base (benchmarks/ablation_base.yaml: configs/cpu.yaml as it was) plus the row's
 overrides for the same number of images (`--epochs` x 60,000; max_train_steps = images / train_batch_size, so the LR
