@@ -355,8 +355,10 @@ def test_evaluate_refuses_a_samples_file_of_other_settings_and_leaves_it_alone(
     assert (tmp_path / "samples.safetensors").read_bytes() == before and not (tmp_path / "report.json").exists()
 
 
-def test_a_samples_file_of_ddim_from_before_it_ended_at_t_20_is_refused_not_continued(
-        tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("earlier_ddim, shown", [({}, "final_timestep None"),  # walked down to t = 0
+                                                 ({"final_timestep": 20}, "final_timestep 20")])  # ended at 20
+def test_a_samples_file_of_an_earlier_ddim_is_refused_not_continued(
+        earlier_ddim, shown, tiny_pipeline, real_data_dir, reference_cache, tmp_path, capsys, monkeypatch):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -366,16 +368,16 @@ def test_a_samples_file_of_ddim_from_before_it_ended_at_t_20_is_refused_not_cont
             "--samples_file", "samples.safetensors", "--data_dir", real_data_dir, "--device", "cpu"]
     code, _, err = run_cli([*argv, "--scheduler", "ddim-to-t0"], capsys)
     assert code == 0, err
-    # the file `--scheduler ddim` wrote when it still walked down to t = 0: the same images, named "ddim"
+    # the file an earlier `--scheduler ddim` wrote (down to t = 0, or ended at t = 20), named "ddim"
     with safe_open("samples.safetensors", framework="pt") as handle:
         metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
     settings = json.loads(metadata["settings"])
     assert settings["sampler"] == "ddim-to-t0" and "final_timestep" not in settings
-    metadata["settings"] = json.dumps({**settings, "sampler": "ddim"}, sort_keys=True)
+    metadata["settings"] = json.dumps({**settings, "sampler": "ddim", **earlier_ddim}, sort_keys=True)
     save_file(tensors, "samples.safetensors", metadata=metadata)
     before = (tmp_path / "samples.safetensors").read_bytes()
     code, _, err = run_cli([*argv, "--scheduler", "ddim", "--json", "report.json"], capsys)
-    assert code == 2 and "final_timestep None" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and shown in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "samples.safetensors").read_bytes() == before and not (tmp_path / "report.json").exists()
 
 
