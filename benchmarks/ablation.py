@@ -8,7 +8,8 @@
 Every row trains the study's base (benchmarks/ablation_base.yaml: configs/cpu.yaml as it was) plus the row's
 overrides for the same number of images (`--epochs` x 60,000; max_train_steps = images / train_batch_size, so the LR
 schedule spans the row's own run) with the README's command, `accelerate launch train_accelerate.py --config ...`,
-then samples N images from the published pipeline with DPM-Solver++ 20 steps and DDIM 50 steps (the CLI's `--scheduler dpm` and `--scheduler ddim-to-t0`) and
+then samples N images from the published pipeline with DPM-Solver++ 20 steps and DDIM 50 steps (the CLI's
+`--scheduler dpm` and `--scheduler ddim-to-t0`) and
 scores them with the project's Evaluator (FID over `fmnist` features, class KL from uniform, precision/recall)
 against the FashionMNIST test set, beside the real-training-images floor at the same N. img/s is the trainer's own
 figure for the whole run (its `done:` line); as a long study shares the machine with other work, `--speed_steps N`

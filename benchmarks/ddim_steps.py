@@ -10,8 +10,9 @@ from the pipeline's own (DDPM) scheduler config plus the setting's overrides, ex
 recall, class histogram and its KL from uniform against the FashionMNIST test set, `fmnist` features by default).
 Sampling is ddpm_fashion.sampling.generate_images, so batching and seeding are those of `ddpm-fashion evaluate`:
 the `inherited` row at S steps is `ddpm-fashion evaluate --model M --scheduler ddim-from-config
---num_inference_steps S` with the same --num_samples, --batch_size and --seed. Every row starts from the same initial noise x_T (one generator
-seeded with --seed; deterministic samplers draw nothing else, and eta > 0 draws its noise from a second generator).
+--num_inference_steps S` with the same --num_samples, --batch_size and --seed. Every row starts from the same
+initial noise x_T (one generator seeded with --seed; deterministic samplers draw nothing else, and eta > 0 draws its
+noise from a second generator).
 
 A setting is a preset name (see SETTINGS) or `key=value,key=value` over DDIMScheduler's config keys plus the step
 options `eta`, `use_clipped_model_output` and `final_x0_from` (end the walk there with x_0_hat, STEP_OPTIONS);

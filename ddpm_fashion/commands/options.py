@@ -36,8 +36,7 @@ def add_scheduler_option(parser: argparse.ArgumentParser) -> None:
                         help="own/diffusers: DDPM; ddim, dpm (DPM-Solver++): fast samplers from the same config "
                              f"(ddim never clips x_0 and ends at t = {FINAL_TIMESTEP} with its x_0 estimate, above "
                              "the noise levels the U-Net denoises worst; ddim-to-t0 walks down to t = 0; "
-                             "ddim-from-config is "
-                             "DDIMScheduler.from_config, clip_sample included)")
+                             "ddim-from-config is DDIMScheduler.from_config, clip_sample included)")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
