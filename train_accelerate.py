@@ -192,7 +192,8 @@ def training_step(config, accelerator, model, optimizer, noise_scheduler, images
         target = training_target(config.prediction_type, noise_scheduler, clean, noise, timesteps)
         prediction = model(noisy, timesteps).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = loss_weights(config.prediction_type, noise_scheduler, timesteps, config.snr_gamma)
+        weights = loss_weights(config.prediction_type, noise_scheduler, timesteps, config.snr_gamma,
+                               config.snr_weight_floor)
         # Sum over this process's samples / global batch: averaged across processes this is the mean over the
         # global batch even when the last batch splits unevenly.
         accelerator.backward((weights * per_sample).sum() / batch.global_size * accelerator.num_processes)

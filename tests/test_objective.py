@@ -53,6 +53,19 @@ def test_min_snr_weights_match_diffusers_training_scripts(prediction_type):
         assert weights[0] < 0.01 and weights[-1] == 1  # the easy low-noise steps count least; the noisy ones fully
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_weight_floor_lifts_only_the_capped_timesteps_below_it(prediction_type):
+    scheduler, timesteps = DDPMScheduler(num_train_timesteps=1000), torch.arange(1000)
+    plain = loss_weights(prediction_type, scheduler, timesteps, 5.0)
+    floored = loss_weights(prediction_type, scheduler, timesteps, 5.0, weight_floor=0.1)
+    lifted = (plain < 0.1) & (compute_snr(scheduler, timesteps) > 5.0)
+    assert lifted[0] and plain[0] < 0.001  # min-SNR leaves t = 0 almost untrained
+    assert 10 < lifted.sum() < 100 and torch.all(lifted[:lifted.sum()])  # t = 0, 1, ...: the lowest noise only
+    assert torch.all(floored[lifted] == 0.1) and torch.equal(floored[~lifted], plain[~lifted])
+    if prediction_type == "v_prediction":  # v's weight near 0 at high noise is the paper's: not lifted
+        assert plain[-1] < 0.001 and floored[-1] == plain[-1]
+
+
 def test_without_snr_gamma_every_sample_counts_the_same():
     weights = loss_weights("epsilon", DDPMScheduler(), torch.tensor([0, 500, 999]), None)
     assert torch.equal(weights, torch.ones(3))

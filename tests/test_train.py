@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,6 +192,8 @@ def test_without_gpu_or_config_the_cpu_config_is_trained_and_said_so(capsys, mon
 
 @pytest.mark.parametrize("extra, message", [
     (["--learning_rate", "-1"], "learning_rate must be positive"),
+    (["--snr_weight_floor", "0.1"], "snr_weight_floor must be positive, with snr_gamma set, or null; got 0.1"),
+    (["--snr_gamma", "5", "--snr_weight_floor", "0"], "snr_weight_floor must be positive"),
     (["--train_batch_size", "0"], "train_batch_size must be at least 1"),
     (["--learning_rate", "fast"], "invalid float value"),
     (["--no_such_key", "1"], "unknown argument"),
@@ -301,9 +304,13 @@ def test_min_snr_v_prediction_and_stratified_timesteps_train_and_publish(tmp_pat
     common = ("--max_train_steps", 1, "--checkpointing_steps", 1, "--save_images_steps", 100, "--lr_warmup_steps", 0)
     train_in_process(tmp_path / "plain", train_data_dir, *common)
     train_in_process(tmp_path / "weighted", train_data_dir, *common, "--snr_gamma", 5)
+    train_in_process(tmp_path / "floored", train_data_dir, *common, "--snr_gamma", 5, "--snr_weight_floor", 1)
     plain, _ = checkpoint_tensors(tmp_path / "plain", 1)
     weighted, _ = checkpoint_tensors(tmp_path / "weighted", 1)
+    floored, _ = checkpoint_tensors(tmp_path / "floored", 1)
     assert any(not torch.equal(plain[name], weighted[name]) for name in plain)  # the weights changed the step
+    # eps weights min(SNR, 5) / SNR never exceed 1, so a floor of 1 gives every sample weight 1: the plain step
+    assert all(torch.equal(plain[name], floored[name]) for name in plain)
     output_dir = tmp_path / "v"
     train_in_process(output_dir, train_data_dir, *common, "--prediction_type", "v_prediction", "--snr_gamma", 5,
                      "--timestep_sampling", "stratified")
@@ -742,6 +749,51 @@ def test_fid_curve_refuses_a_json_it_would_replace(smoke_run, tmp_path, capsys):
         message = capsys.readouterr().err.strip()
         assert len(message.splitlines()) == 1 and str(report) in message, message
         assert json.loads(report.read_text()) == content
+
+
+def test_an_equal_time_ablation_row_trains_the_images_its_speed_buys_in_the_anchor_rows_time(tmp_path):
+    from argparse import Namespace
+
+    from conftest import load_benchmark
+    from ddpm_fashion.config import parse_config
+
+    ablation = load_benchmark("ablation")
+    speed = {"cpu-yaml": {"img_per_s": 140.0}, "cpu-yaml-wide": {"img_per_s": 84.0}}
+    args = Namespace(equal_time_to="cpu-yaml", epochs=2.0, workdir=str(tmp_path))
+    # the anchor trains --epochs in the equal-images study's folder, so that study's run is reused
+    assert ablation.row_length("cpu-yaml", args, speed) == (2.0, tmp_path / "cpu-yaml-2ep")
+    epochs, folder = ablation.row_length("cpu-yaml-wide", args, speed)
+    assert epochs == pytest.approx(1.2) and folder == tmp_path / "cpu-yaml-wide-time-of-cpu-yaml-2ep"
+    config, _, _ = parse_config(ablation.trainer_args("cpu-yaml-wide", epochs, "unused-out"))
+    assert config.max_train_steps == 72_000 // 32 and config.unet["block_out_channels"] == [48, 96, 192]
+    args.equal_time_to = None  # an equal-images study: every row trains --epochs
+    assert ablation.row_length("cpu-yaml-wide", args, speed) == (2.0, tmp_path / "cpu-yaml-wide-2ep")
+    scores = {"dpm20": {"fid": 1.5, "class_kl": 0.01}, "ddim50": {"fid": 1.6, "class_kl": 0.02}}
+    study = {"protocol": {"num_samples": 1000, "equal_time_to": "cpu-yaml"},
+             "rows": {"real-train": {"fid": 0.06, "class_kl": 0.002},
+                      "cpu-yaml-wide": {"changed": "wide", "images": 72_000, "img_per_s": 80.0, **scores}},
+             "speed": {"cpu-yaml-wide": {"img_per_s": 84.0}}}
+    table = ablation.markdown_table(study).splitlines()
+    assert "| images |" in table[0] and table[1].count("|") == table[0].count("|")
+    assert table[2] == "| `cpu-yaml-wide` | wide | 72,000 | 80.0 | 84.0 | 1.50 (25×) / 0.010 | 1.60 (27×) / 0.020 |"
+    assert table[3].count("|") == table[0].count("|")
+
+
+def test_ablation_reuses_a_finished_run_saved_before_the_trainer_gained_a_key(tmp_path):
+    """A run saved before snr_weight_floor existed was trained at its default: it is still the row's run."""
+    from conftest import load_benchmark
+
+    ablation = load_benchmark("ablation")
+    run = tmp_path / "run"
+    run.mkdir()
+    expected = ablation.resolved_config(ablation.trainer_args("cpu-yaml", 1, run))
+    (run / "model_index.json").write_text("{}")
+    (run / "train.log").write_text("done: 1875 steps, 60000 images seen, 419 s this session, 143.2 img/s\n")
+    old = {k: v for k, v in expected.items() if k != "snr_weight_floor"}
+    (run / "train_config.yaml").write_text(yaml.safe_dump({**old, "output_dir": str(run)}))
+    assert ablation.finished_run(run, expected) == (143.2, 419)
+    (run / "train_config.yaml").write_text(yaml.safe_dump({**old, "snr_weight_floor": 0.1}))  # another row's run
+    assert ablation.finished_run(run, expected) is None
 
 
 def test_ablation_refuses_a_json_of_another_protocol(tmp_path, capsys):
