@@ -225,21 +225,21 @@ def time_row(name: str, steps: int, workdir: Path) -> dict:
 def markdown_table(study: dict) -> str:
     """Get the README's table of a study: one line per row, FIDs also as multiples of the floor at the same N."""
     floor = study["rows"]["real-train"]["fid"]
-    equal_time = "equal_time_to" in study["protocol"]  # rows differ in images: show them
-    lines = ["| row | what changed |" + (" images |" if equal_time else "") + " img/s (whole run) | img/s (alone) | "
-             "DPM-Solver++ 20: FID (× floor) / class KL | DDIM 50: FID (× floor) / class KL |",
-             "|---|---|" + ("---:|" if equal_time else "") + "---:|---:|---:|---:|"]
+    equal_time = "equal_time_to" in study["protocol"]  # rows differ in images: show them, and the seconds they took
+    lines = ["| row | what changed |" + (" images | seconds |" if equal_time else "") + " img/s (whole run) | "
+             "img/s (alone) | DPM-Solver++ 20: FID (× floor) / class KL | DDIM 50: FID (× floor) / class KL |",
+             "|---|---|" + ("---:|---:|" if equal_time else "") + "---:|---:|---:|---:|"]
     for name, row in study["rows"].items():
         if name == "real-train":
             continue
         alone = study.get("speed", {}).get(name, {}).get("img_per_s")
         cells = [f"{row[s]['fid']:.2f} ({row[s]['fid'] / floor:.0f}×) / {row[s]['class_kl']:.3f}"
                  for s in ("dpm20", "ddim50")]
-        images = f" {row['images']:,} |" if equal_time else ""
+        images = f" {row['images']:,} | {row['train_seconds']} |" if equal_time else ""
         lines.append(f"| `{name}` | {row['changed']} |{images} {row['img_per_s']:.1f} | "
                      f"{'-' if alone is None else f'{alone:.1f}'} | {cells[0]} | {cells[1]} |")
     lines.append(f"| real training images | the floor at N = {study['protocol']['num_samples']} |"
-                 + (" |" if equal_time else "") + f" | | {floor:.3f} / "
+                 + (" | |" if equal_time else "") + f" | | {floor:.3f} / "
                  f"{study['rows']['real-train']['class_kl']:.3f} | |")
     timed = {name: run for name, run in study.get("speed", {}).items() if "first_step_seconds" in run}
     if timed:  # the short timing runs (--speed_steps): the first step apart, as torch.compile compiles in it

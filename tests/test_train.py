@@ -771,11 +771,12 @@ def test_an_equal_time_ablation_row_trains_the_images_its_speed_buys_in_the_anch
     scores = {"dpm20": {"fid": 1.5, "class_kl": 0.01}, "ddim50": {"fid": 1.6, "class_kl": 0.02}}
     study = {"protocol": {"num_samples": 1000, "equal_time_to": "cpu-yaml"},
              "rows": {"real-train": {"fid": 0.06, "class_kl": 0.002},
-                      "cpu-yaml-wide": {"changed": "wide", "images": 72_000, "img_per_s": 80.0, **scores}},
+                      "cpu-yaml-wide": {"changed": "wide", "images": 72_000, "train_seconds": 900, "img_per_s": 80.0,
+                                        **scores}},
              "speed": {"cpu-yaml-wide": {"img_per_s": 84.0}}}
     table = ablation.markdown_table(study).splitlines()
     assert "| images |" in table[0] and table[1].count("|") == table[0].count("|")
-    assert table[2] == "| `cpu-yaml-wide` | wide | 72,000 | 80.0 | 84.0 | 1.50 (25×) / 0.010 | 1.60 (27×) / 0.020 |"
+    assert table[2] == "| `cpu-yaml-wide` | wide | 72,000 | 900 | 80.0 | 84.0 | 1.50 (25×) / 0.010 | 1.60 (27×) / 0.020 |"
     assert table[3].count("|") == table[0].count("|")
 
 
