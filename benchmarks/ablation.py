@@ -29,7 +29,6 @@ made under another protocol is refused (exit 2, naming what differs) rather than
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -45,14 +44,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ddpm_fashion.config import TrainConfig  # noqa: E402
+from ddpm_fashion.config import with_new_keys_at_defaults  # noqa: E402
 from ddpm_fashion.evaluate import Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.files import atomic_output, continue_study  # noqa: E402
 from ddpm_fashion.sampling import generate_images  # noqa: E402
 from ddpm_fashion.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
 
 TRAIN_IMAGES = 60_000
-TRAINER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 # configs/cpu.yaml as the study found it (the protocol still calls it cpu.yaml); cpu.yaml now holds the winners.
 BASE_CONFIG = ROOT / "benchmarks" / "ablation_base.yaml"
 # Keys that say where and how often a run writes, not what it trains: ignored when a finished folder is reused.
@@ -140,8 +138,7 @@ def finished_run(output_dir: Path, expected: dict):
     log, config_file = output_dir / "train.log", output_dir / "train_config.yaml"
     if not (output_dir / "model_index.json").is_file() or not config_file.is_file() or not log.is_file():
         return None
-    # a key the trainer gained after the run was trained with its default, which is what the run saved then
-    saved = {**TRAINER_DEFAULTS, **yaml.safe_load(config_file.read_text())}
+    saved = with_new_keys_at_defaults(yaml.safe_load(config_file.read_text()))
     saved = {k: v for k, v in saved.items() if k not in INCIDENTAL_KEYS}
     match = DONE_LINE.search(log.read_text())
     return (float(match["img_per_s"]), int(match["seconds"])) if saved == expected and match else None

@@ -239,6 +239,13 @@ def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
+def with_new_keys_at_defaults(saved: dict) -> dict:
+    """Get a saved train_config.yaml's values with each key the trainer gained since at its default: what that run
+    trained with, as an older trainer had no other behaviour."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}
+
+
 def resume_differences(saved: dict, config: TrainConfig) -> list:
     """Get 'key: saved -> new' for each RESUME_FIXED_KEYS value that differs from a checkpoint's saved config."""
     differences = []
