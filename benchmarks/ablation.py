@@ -19,13 +19,14 @@ re-times each row alone with an N-step run of the same command (JSON `speed`). E
 seed, so rows differ only by their change. With `--equal_time_to ROW` the rows get equal time instead: each is first
 timed alone (TIMING_STEPS steps, JSON `speed`) and then trains --epochs x its img/s / ROW's img/s, the images it
 processes in the time ROW takes for --epochs, so a slower model that learns more per image is judged per CPU-hour.
-The rows stack greedily: the first ones change one thing of cpu.yaml in
-bf16; once min-SNR-5 led, the `minsnr5-*` rows change one thing of bf16 + min-SNR-5.
+The rows stack greedily: the first ones change one thing of cpu.yaml in bf16; once min-SNR-5 led, the `minsnr5-*`
+rows change one thing of bf16 + min-SNR-5; the `cpu-yaml-*` rows change one thing of today's configs/cpu.yaml.
 
 Rows run in the order given; a row already in --json under the same protocol is kept, and a row whose model
 folder already holds a finished pipeline trained with exactly the row's resolved config (`--dry_run`; a key the
-trainer gained since counts at its default) is scored without retraining. The JSON is rewritten after each row, so a long study can stop and continue; a --json
-made under another protocol is refused (exit 2, naming what differs) rather than replaced.
+trainer gained since counts at its default) is scored without retraining. The JSON is rewritten after each row, so
+a long study can stop and continue; a --json made under another protocol is refused (exit 2, naming what differs)
+rather than replaced.
 """
 
 import argparse

@@ -135,8 +135,8 @@ def check_values(config: TrainConfig) -> None:
     if config.snr_gamma is not None and not config.snr_gamma > 0:
         raise ValueError(f"snr_gamma must be positive (5 in Hang et al. 2023) or null, got {config.snr_gamma}")
     if config.snr_weight_floor is not None and not (config.snr_weight_floor > 0 and config.snr_gamma is not None):
-        raise ValueError(f"snr_weight_floor must be positive, with snr_gamma set, or null; got {config.snr_weight_floor}"
-                         f" with snr_gamma {config.snr_gamma}")
+        raise ValueError("snr_weight_floor must be positive, with snr_gamma set, or null; got "
+                         f"{config.snr_weight_floor} with snr_gamma {config.snr_gamma}")
     for name in ["learning_rate", "max_grad_norm", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")

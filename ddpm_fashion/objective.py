@@ -2,7 +2,8 @@
 
 Ho et al. (2020) train at uniform timesteps on the unweighted eps error (their L_simple, eq. 14). Two levers from
 later work are options here: min-SNR-gamma weighting (Hang et al. 2023), which caps the weight of the easy
-low-noise timesteps (optionally with a floor, so that they are not left almost untrained), and stratified timesteps, which spread one batch evenly over [0, T) to lower the loss
+low-noise timesteps (optionally with a floor, so that they are not left almost untrained), and stratified
+timesteps, which spread one batch evenly over [0, T) to lower the loss
 variance without changing its expectation.
 """
 
