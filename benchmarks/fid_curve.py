@@ -2,7 +2,7 @@
 
     python benchmarks/fid_curve.py --run out-cpu --checkpoints DIR [DIR ...] --label NAME
         [--scheduler dpm] [--num_inference_steps 20] [--num_samples 1000] [--batch_size 250] [--seed 0]
-        [--json benchmarks/results/fid_curve.json]
+        [--weights published|raw] [--json benchmarks/results/fid_curve.json]
     python benchmarks/fid_curve.py --table [--json ...]         # the README's table of every curve in --json
 
 Both end with each curve's power-law trend (a least-squares line through log FID against log images) and the
@@ -11,11 +11,12 @@ images at which that trend would reach 10x the floor: an extrapolation, to size 
 A run keeps only its last `checkpoints_total_limit` checkpoints, so to draw a curve copy each one aside as it is
 written (or train with a larger limit) and pass the copies; a checkpoint folder or a folder of them is accepted.
 Each point is the run's published DDPMPipeline (`--run`: its U-Net config and scheduler) with the checkpoint's
-weights swapped in: the EMA weights (ema.safetensors, stored in the order of the trainer's model.parameters()) or,
-for a run without EMA, the raw ones (model.safetensors). It samples N images with the chosen scheduler exactly as
-`ddpm-fashion evaluate --model RUN --scheduler S --num_inference_steps K` samples the finished run, and scores
-them with the project's Evaluator (FID over `fmnist` features, class KL from uniform, precision/recall) against the
-FashionMNIST test set, beside the real-training-images floor at the same N.
+weights swapped in: by default the ones the run publishes (`--weights published`: the EMA weights, ema.safetensors,
+stored in the order of the trainer's model.parameters(), or for a run without EMA the raw ones), or the optimizer's
+own (`--weights raw`: model.safetensors), which tells what the EMA bought. It samples N images with the chosen
+scheduler exactly as `ddpm-fashion evaluate --model RUN --scheduler S --num_inference_steps K` samples the finished
+run, and scores them with the project's Evaluator (FID over `fmnist` features, class KL from uniform,
+precision/recall) against the FashionMNIST test set, beside the real-training-images floor at the same N.
 
 A checkpoint in the middle of a run is not the model a run of that length would give: its learning rate has not
 decayed yet, so early points are pessimistic. Points already in --json under the same label and protocol are kept,
@@ -46,6 +47,7 @@ from ddpm_fashion.unet import load_strict  # noqa: E402
 
 RAW_WEIGHTS = "model.safetensors"  # accelerate.save_state's file for the (only) prepared model
 TRAIN_CONFIG = "train_config.yaml"
+WEIGHTS_CHOICES = ("published", "raw")
 
 
 def checkpoint_folders(paths) -> list:
@@ -72,14 +74,18 @@ def images_seen(checkpoint: Path) -> tuple:
     return step, step * config["train_batch_size"] * config.get("gradient_accumulation_steps", 1)
 
 
-def pipeline_at(run: str, checkpoint: Path):
-    """Get the run's DDPMPipeline (UNet2DModel, diffusers' DDPM scheduler) with a checkpoint's EMA or raw weights."""
+def pipeline_at(run: str, checkpoint: Path, weights: str = "published"):
+    """Get the run's DDPMPipeline (UNet2DModel, diffusers' DDPM scheduler) with a checkpoint's EMA or raw weights.
+
+    weights "published" takes the EMA weights where the run kept an EMA (what its pipeline publishes), "raw" always
+    the optimizer's own.
+    """
     pipe = load_pipeline(run, scheduler="diffusers", unet="own", device="cpu")
     run_unet = yaml.safe_load((Path(run) / TRAIN_CONFIG).read_text())["unet"]
     if yaml.safe_load((checkpoint / TRAIN_CONFIG).read_text())["unet"] != run_unet:
         raise SystemExit(f"{checkpoint} is not a checkpoint of {run}: its U-Net config differs")
     parameters = list(pipe.unet.parameters())
-    if (checkpoint / EMA_WEIGHTS).is_file():
+    if weights == "published" and (checkpoint / EMA_WEIGHTS).is_file():
         shadow = load_file(checkpoint / EMA_WEIGHTS)
         if len(shadow) != len(parameters):
             raise SystemExit(f"{checkpoint / EMA_WEIGHTS} holds {len(shadow)} tensors, the U-Net has {len(parameters)}")
@@ -175,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=250, help="sampling batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="published",
+                        help="published: the EMA weights where the run kept an EMA; raw: the optimizer's weights")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fid_curve.json"))
     parser.add_argument("--table", action="store_true", help="only print the --json curves as a Markdown table")
     args = parser.parse_args(argv)
@@ -191,7 +199,7 @@ def main(argv=None):
     checkpoints = checkpoint_folders(args.checkpoints)
     protocol = {"run": str(args.run), "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
                 "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
-                "features": "fmnist", "reference": "FashionMNIST test set",
+                "weights": args.weights, "features": "fmnist", "reference": "FashionMNIST test set",
                 "run_config": yaml.safe_load((Path(args.run) / TRAIN_CONFIG).read_text())}
     try:
         study = saved_curves(json_path)
@@ -210,7 +218,7 @@ def main(argv=None):
         if checkpoint.name in curve["points"]:
             continue
         step, seen = images_seen(checkpoint)
-        pipe = pipeline_at(args.run, checkpoint)
+        pipe = pipeline_at(args.run, checkpoint, args.weights)
         point = {"step": step, "images_seen": seen,
                  **score(pipe, evaluator, args, inference_steps(pipe, args.scheduler, args.num_inference_steps))}
         curve["points"][checkpoint.name] = point

@@ -722,6 +722,11 @@ def test_fid_curve_scores_each_checkpoint_with_its_own_weights(smoke_run, tmp_pa
     assert all(torch.equal(last[name], published[name]) for name in published)
     earlier = fid_curve.pipeline_at(str(output_dir), checkpoints[0]).unet.state_dict()
     assert not all(torch.equal(earlier[name], published[name]) for name in published)
+    # --weights raw gives the optimizer's weights even where the checkpoint has an EMA, and they are not the EMA's
+    optimized = load_file(checkpoints[-1] / "model.safetensors")
+    unet = fid_curve.pipeline_at(str(output_dir), checkpoints[-1], "raw").unet.state_dict()
+    assert all(torch.equal(unet[name], optimized[name]) for name in optimized)
+    assert not all(torch.equal(unet[name], published[name]) for name in published)
     # a checkpoint of a run without EMA gives its raw weights
     raw = tmp_path / "checkpoint-8"
     shutil.copytree(checkpoints[0], raw)
