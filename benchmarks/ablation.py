@@ -61,15 +61,18 @@ SAMPLERS = (("dpm", 20), ("ddim", 50))
 SCHEDULER_OF = {"dpm": "dpm", "ddim": "ddim-to-t0"}
 BF16 = ["--mixed_precision", "bf16"]
 MIN_SNR = BF16 + ["--snr_gamma", "5"]  # the leader after the first rows: later rows stack on it
-# configs/cpu.yaml's levers, each a measured row, together (`auto` precision is bf16 on the study's CPU)
+# configs/cpu.yaml's levers, each a measured row, together (`auto` precision is bf16 on the study's CPU), on the
+# base's U-Net: attention at 8x8 in the down and up blocks, what cpu.yaml trained until the cpu-yaml-noattn row, its
+# U-Net since 2026-12-05, won at full length (README -> Results)
 CPU_YAML = BF16 + ["--prediction_type", "v_prediction", "--snr_gamma", "5", "--timestep_sampling", "stratified",
                    "--train_batch_size", "32"]
 WIDE = ["--unet.block_out_channels", "[48, 96, 192]"]
+# UNet2DModel's middle block keeps its attention (add_attention, 8x8 here): "noattn" drops only the blocks' attention
 NO_ATTENTION = ["--unet.down_block_types", "[DownBlock2D, DownBlock2D, DownBlock2D]",
                 "--unet.up_block_types", "[UpBlock2D, UpBlock2D, UpBlock2D]"]
 ATTENTION_AT_16 = ["--unet.down_block_types", "[DownBlock2D, AttnDownBlock2D, AttnDownBlock2D]",
                    "--unet.up_block_types", "[AttnUpBlock2D, AttnUpBlock2D, UpBlock2D]"]
-# name: (what changed, overrides on top of configs/cpu.yaml)
+# name: (what changed, overrides on top of the base, BASE_CONFIG)
 ROWS = {
     "fp32": ("cpu.yaml as it was: float32", ["--mixed_precision", "no"]),
     "bf16": ("bf16 autocast (attention kept in float32 on the CPU)", BF16),
@@ -95,12 +98,14 @@ ROWS = {
     "minsnr5-ema0.995": ("bf16 + min-SNR-5 + EMA decay capped at 0.995", MIN_SNR + ["--ema_max_decay", "0.995"]),
     "bf16-v-minsnr5-inductor": ("bf16 + v-prediction + min-SNR-5, torch.compile (`--dynamo_backend inductor`)",
                                 BF16 + ["--prediction_type", "v_prediction", "--snr_gamma", "5"]),
-    "cpu-yaml": ("configs/cpu.yaml's recipe: bf16 + v-prediction + min-SNR-5 + stratified timesteps + batch 32",
+    "cpu-yaml": ("configs/cpu.yaml's recipe until 2026-12-05: bf16 + v-prediction + min-SNR-5 + stratified "
+                 "timesteps + batch 32, attention at 8x8",
                  CPU_YAML),
     "cpu-yaml-noema": ("configs/cpu.yaml's recipe, no EMA (the raw weights)", CPU_YAML + ["--use_ema", "false"]),
-    "bf16-noattn": ("bf16, no attention", BF16 + NO_ATTENTION),
+    "bf16-noattn": ("bf16, attention only in the middle block", BF16 + NO_ATTENTION),
     "cpu-yaml-wide": ("configs/cpu.yaml's recipe, U-Net (48, 96, 192)", CPU_YAML + WIDE),
-    "cpu-yaml-noattn": ("configs/cpu.yaml's recipe, no attention", CPU_YAML + NO_ATTENTION),
+    "cpu-yaml-noattn": ("configs/cpu.yaml's recipe, attention only in the middle block (cpu.yaml since 2026-12-05)",
+                        CPU_YAML + NO_ATTENTION),
     "cpu-yaml-attn16": ("configs/cpu.yaml's recipe, attention at 16x16 and 8x8", CPU_YAML + ATTENTION_AT_16),
     "cpu-yaml-floor0.1": ("configs/cpu.yaml's recipe, min-SNR weights of the capped timesteps at least 0.1",
                           CPU_YAML + ["--snr_weight_floor", "0.1"]),

@@ -690,21 +690,28 @@ def test_every_ablation_row_is_a_valid_config_of_one_epoch():
         assert config.output_dir == "unused-out" and config.logger == "none"
 
 
-def test_the_cpu_yaml_ablation_row_trains_what_configs_cpu_yaml_trains():
-    """The row named after configs/cpu.yaml differs from it only in length and where it writes (bf16 is what
-    cpu.yaml's `auto` picks on a CPU with native bf16, the study's machine)."""
+def test_the_cpu_yaml_ablation_rows_train_what_configs_cpu_yaml_trains_and_trained():
+    """The cpu-yaml-noattn row (configs/cpu.yaml since 2026-12-05) differs from configs/cpu.yaml only in length and
+    where it writes (bf16 is what cpu.yaml's `auto` picks on a CPU with native bf16, the study's machine); the
+    cpu-yaml row, the recipe before, only in the U-Net's attention at 8x8 besides."""
     from dataclasses import asdict
 
     from conftest import load_benchmark
     from ddpm_fashion.config import parse_config
 
     ablation = load_benchmark("ablation")
-    row, _, _ = parse_config(ablation.trainer_args("cpu-yaml", 1, "unused-out"))
     recipe, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])
+    row, _, _ = parse_config(ablation.trainer_args("cpu-yaml-noattn", 1, "unused-out"))
     differing = {key for key, value in asdict(row).items() if asdict(recipe)[key] != value}
     assert {"max_train_steps", "mixed_precision"} <= differing
     assert differing <= {"max_train_steps", "mixed_precision", *ablation.INCIDENTAL_KEYS}, differing
     assert (row.mixed_precision, recipe.mixed_precision) == ("bf16", "auto")
+    before, _, _ = parse_config(ablation.trainer_args("cpu-yaml", 1, "unused-out"))
+    assert {key for key, value in asdict(before).items() if asdict(row)[key] != value} == {"unet"}
+    assert before.unet["down_block_types"] == ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
+    assert before.unet["up_block_types"] == ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    assert {**before.unet, "down_block_types": recipe.unet["down_block_types"],
+            "up_block_types": recipe.unet["up_block_types"]} == recipe.unet
 
 
 def test_fid_curve_scores_each_checkpoint_with_its_own_weights(smoke_run, tmp_path):
@@ -857,11 +864,12 @@ def test_the_committed_reference_model_is_configs_cpu_yaml():
     config, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])
     expected = yaml.safe_load(config_to_yaml(config))
     trained = with_new_keys_at_defaults(yaml.safe_load((reference / "train_config.yaml").read_text()))
-    how_it_ran = {"resume_from_checkpoint", "mixed_precision"}  # resumed once; `auto` resolved on a bf16 CPU
+    how_it_ran = {"output_dir", "mixed_precision"}  # where it was written; `auto` resolved on a bf16 CPU
     assert {k: v for k, v in trained.items() if k not in how_it_ran} == \
         {k: v for k, v in expected.items() if k not in how_it_ran}
     assert (expected["mixed_precision"], trained["mixed_precision"]) == ("auto", "bf16")
     pipe = DDPMPipeline.from_pretrained(reference)  # a plain diffusers pipeline, its weights the EMA ones
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert list(pipe.unet.config.block_out_channels) == expected["unet"]["block_out_channels"]
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        assert list(getattr(pipe.unet.config, key)) == expected["unet"][key], key
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
