@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, get_int_from_env
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -25,11 +25,11 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ddpm_fashion import run_dir
-from ddpm_fashion.checkpointing import DiskFull, load_checkpoint, open_run_folder, save_checkpoint, writing
+from ddpm_fashion.checkpointing import load_checkpoint, open_run_folder, save_checkpoint, writing
 from ddpm_fashion.checks import one_line
 from ddpm_fashion.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
-from ddpm_fashion.files import move_files_into, scratch_folder, staging_path
+from ddpm_fashion.files import match_umask, move_files_into, scratch_folder, staging_path
 from ddpm_fashion.model_card import plot_loss, write_model_card
 from ddpm_fashion.objective import loss_weights, sample_timesteps, training_target
 from ddpm_fashion.pictures import grid_tensor, image_grid
@@ -126,13 +126,39 @@ def log_samples(accelerator, images, step):
 # The run folder: checks before anything is written, the lock, checkpoints and the published pipeline
 # ------------------------------------------------------------------------------------------------------------
 
-def check_resume(config, resume_path):
-    """Refuse a checkpoint whose model, batch order or diffusion differ from this config (before any write)."""
+def check_resume(config, resume_path, num_processes):
+    """Refuse a checkpoint whose model, batch order or diffusion differ from this run's (before any write).
+
+    The process count may change while the global batch (processes x train_batch_size) stays the same: batch order
+    and noise belong to the global batch, so the run continues as it would have (to float rounding).
+    """
     saved = run_dir.read_checkpoint_config(resume_path)
     differences = resume_differences(saved, config)
+    saved_processes = run_dir.read_trainer_state(resume_path)["sampler"].get("world_size", 1)
+    saved_global, global_batch = saved["train_batch_size"] * saved_processes, config.train_batch_size * num_processes
+    if saved_global != global_batch:
+        advice = (f"; with {num_processes} process(es) pass --train_batch_size {saved_global // num_processes}"
+                  if saved_global % num_processes == 0 else "")
+        differences.append(f"global batch: {saved_processes} process(es) x train_batch_size {saved['train_batch_size']}"
+                           f" = {saved_global} -> {num_processes} process(es) x {config.train_batch_size} = "
+                           f"{global_batch}{advice}")
     if differences:
         raise ValueError(f"cannot resume from {resume_path}: it was trained with other values of keys a run must keep "
                          f"({'; '.join(differences)}); drop those overrides, or start a new output_dir")
+
+
+def check_launcher(num_processes):
+    """Refuse a launch that asked for several processes but started one (before any write).
+
+    `accelerate launch --num_processes N` without --multi_gpu on a machine with fewer than two GPUs runs the script
+    once; it still sets MASTER_ADDR for the N processes it did not start.
+    """
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+    if launched_by_accelerate and num_processes == 1 and "WORLD_SIZE" not in os.environ:
+        raise ValueError("accelerate launch --num_processes N started 1 process here: without --multi_gpu it runs "
+                         "several only on a machine with several GPUs. Add --multi_gpu (on a CPU the N processes "
+                         "train as one gloo group; drop --cpu), use torchrun --nproc_per_node N, or pass "
+                         "--num_processes 1")
 
 
 def check_batch_sizes(config, num_images, world_size):
@@ -160,6 +186,7 @@ def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress,
                          steps=len(progress["losses"]), images_seen=progress["images_seen"],
                          losses=progress["losses"], train_seconds=progress["train_seconds"],
                          session_seconds=session_seconds, world_size=accelerator.num_processes)
+        match_umask(folder)
         move_files_into(folder, output_dir)  # replaces only the files it publishes
 
 
@@ -204,31 +231,55 @@ def training_step(config, accelerator, model, optimizer, noise_scheduler, images
     return accelerator.reduce(per_sample.detach().sum(), "sum").item()
 
 
-def resolve_mixed_precision(requested):
+def launched_on_cpus_only():
+    """Whether a launcher started several processes on a machine without a GPU.
+
+    Accelerate joins such processes into one (gloo) process group only when asked for the CPU: torchrun and
+    `accelerate launch --num_processes N` without --cpu/--multi_cpu do not ask, and each process would train alone.
+    """
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return launched > 1 and not has_accelerator
+
+
+def resolve_mixed_precision(requested, device):
     """Get the precision to train in: the config's; if null the launcher's, else "no"; "auto": bf16 if native."""
     if requested is None:
         return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # set by `accelerate launch`
     if requested == "auto":
-        return "bf16" if has_fast_bf16(PartialState().device) else "no"
+        return "bf16" if has_fast_bf16(device) else "no"
     return requested
 
 
-def train(config):
-    """Check everything, then run the training loop and publish the pipeline."""
-    config.mixed_precision = resolve_mixed_precision(config.mixed_precision)
+def preflight(config, overwrite):
+    """Every start-up check that reads only; get the checkpoint to resume (or None), what `latest` skipped, and the
+    checkpoints found (open_run_folder proves none appeared meanwhile). Nothing is written before these pass."""
+    state = PartialState(cpu=launched_on_cpus_only())
+    check_launcher(state.num_processes)
+    config.mixed_precision = resolve_mixed_precision(config.mixed_precision, state.device)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
-    # Every check reads only; nothing in output_dir is written until all have passed (open_run_folder).
-    run_dir.check_output_dir(config.output_dir, resuming=config.resume_from_checkpoint is not None)
+    if overwrite and config.resume_from_checkpoint is not None:
+        raise ValueError(f"{run_dir.OVERWRITE_OPTION} starts a new run, --resume_from_checkpoint continues one; "
+                         "pass one of them")
+    run_dir.check_output_dir(config.output_dir, resuming=config.resume_from_checkpoint is not None,
+                             overwrite=overwrite)
     checkpoints_seen = run_dir.checkpoint_dirs(config.output_dir)
     resume_path, skipped = run_dir.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
-        check_resume(config, resume_path)
+        check_resume(config, resume_path, state.num_processes)
+    return resume_path, skipped, checkpoints_seen
+
+
+def train(config, overwrite=False):
+    """Check everything, then run the training loop and publish the pipeline."""
+    resume_path, skipped, checkpoints_seen = preflight(config, overwrite)
+    threads, why = configure_threads()
     model, noise_scheduler = build_models(config)
     images, _ = load_fashion_mnist("train", config.data_dir)
-    threads, why = configure_threads()
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=launched_on_cpus_only(), mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.logger == "none" else config.logger,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"))
     check_batch_sizes(config, len(images), accelerator.num_processes)
@@ -239,9 +290,14 @@ def train(config):
                  f"a training step of train_batch_size {config.train_batch_size}", "--train_batch_size")
     check_memory(estimate_unet_bytes(config.unet, config.eval_batch_size), accelerator.device,
                  f"a sample grid of eval_batch_size {config.eval_batch_size}", "--eval_batch_size")
-    lock = open_run_folder(accelerator, config, checkpoints_seen, skipped)
+    created = not Path(config.output_dir).exists()
+    lock = open_run_folder(accelerator, config, checkpoints_seen, skipped, overwrite)
     try:
         run_training(config, accelerator, model, noise_scheduler, images, resume_path, (threads, why))
+    except BaseException:
+        if lock is not None and created:
+            run_dir.remove_if_nothing_saved(config.output_dir)  # a failed first run leaves no empty run folder
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -349,28 +405,28 @@ def periodic_work(config, accelerator, global_step, max_train_steps, model, nois
 
 def resolve_config(argv):
     """Parse the config; with no --config and no GPU, train the CPU config instead of the GPU one, saying so."""
-    config, dry_run, config_given = parse_config(argv)
+    config, options, config_given = parse_config(argv)
     if not config_given and not torch.cuda.is_available():
-        config, dry_run, _ = parse_config(argv, default_config=CPU_CONFIG)
+        config, options, _ = parse_config(argv, default_config=CPU_CONFIG)
         print(f"train_accelerate.py: no GPU found and no --config given: training configs/{CPU_CONFIG.name} (the "
               "two-hour CPU model) instead of the 100-epoch GPU run; pass --config configs/fashion_mnist.yaml to "
               "train that anyway", file=sys.stderr)
-    return config, dry_run
+    return config, options
 
 
 def main(argv=None):
     """Parse the config and train; bad input is one line on stderr and exit code 2."""
     prog, config, threads = "train_accelerate.py", None, torch.get_num_threads()
     try:
-        config, dry_run = resolve_config(argv)
-        if dry_run:
+        config, options = resolve_config(argv)
+        if options.dry_run:
             print(config_to_yaml(config), end="")
             return 0
-        train(config)
+        train(config, options.overwrite_output_dir)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except (FloatingPointError, DiskFull) as error:
+    except (FloatingPointError, OSError) as error:  # DiskFull included; an OSError's message names its file
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; checkpoints are only ever complete

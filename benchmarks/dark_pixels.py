@@ -110,7 +110,7 @@ def main(argv=None):
         parser.error("give --model (to sample from it), --images (to read images), or both (--images are scored)")
     try:  # before minutes of sampling: the report's folder exists and is writable
         if args.json:
-            check_output_path(args.json, (".json",))
+            check_output_path(args.json, (".json",), new=True)
         generated = generated_images(args)
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

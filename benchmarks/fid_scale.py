@@ -44,7 +44,7 @@ def main():
     args = parser.parse_args()
     if args.json:
         try:  # before minutes of scoring: the report's folder exists and is writable
-            check_output_path(args.json, (".json",))
+            check_output_path(args.json, (".json",), new=True)
         except ValueError as error:
             parser.exit(2, f"{parser.prog}: error: {error}\n")
 

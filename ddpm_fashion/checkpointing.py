@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from ddpm_fashion import run_dir
 from ddpm_fashion.checks import one_line
 from ddpm_fashion.config import config_to_yaml
-from ddpm_fashion.files import FolderLock, folder_size, free_bytes, is_disk_full, remove_stale_staging, scratch_folder
-from ddpm_fashion.files import staging_path
+from ddpm_fashion.files import (FolderLock, folder_size, free_bytes, is_disk_full, match_umask, remove_stale_staging,
+                                scratch_folder, staging_path)
 
 EMA_WEIGHTS = "ema.safetensors"
 
@@ -37,11 +37,13 @@ def share_outcome(accelerator, error):
         raise ValueError(error)
 
 
-def open_run_folder(accelerator, config, checkpoints_seen, damaged):
+def open_run_folder(accelerator, config, checkpoints_seen, damaged, overwrite=False):
     """Main process: lock output_dir (creating it), check nothing changed since the checks, mark it as ours.
 
     Damaged checkpoints that `latest` skipped are renamed aside (never deleted), so new ones can take their step.
-    Returns the held FolderLock (None on other processes). Until here nothing in output_dir was written.
+    With `overwrite` (--overwrite_output_dir) an earlier run's checkpoints are deleted, saying so: `latest` would
+    otherwise pick them over the new run's. Returns the held FolderLock (None on other processes). Until here
+    nothing in output_dir was written.
     """
     lock, error, output_dir = None, None, Path(config.output_dir)
     if accelerator.is_main_process:
@@ -60,6 +62,11 @@ def open_run_folder(accelerator, config, checkpoints_seen, damaged):
                 shutil.rmtree(output_dir, ignore_errors=True)
     share_outcome(accelerator, error)
     if accelerator.is_main_process:
+        if overwrite and run_dir.replaced_by_overwrite(output_dir):
+            print(f"{run_dir.OVERWRITE_OPTION}: training a new run over {output_dir}; replacing "
+                  f"{', '.join(run_dir.replaced_by_overwrite(output_dir))}", file=sys.stderr)
+            for checkpoint in run_dir.checkpoint_dirs(output_dir):  # the pipeline stays until the new one replaces it
+                shutil.rmtree(checkpoint)
         run_dir.mark_as_run(output_dir)
         (output_dir / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
         remove_stale_staging(output_dir)  # a pipeline a killed run was writing
@@ -73,11 +80,15 @@ def open_run_folder(accelerator, config, checkpoints_seen, damaged):
 
 @contextmanager
 def writing(path, space_needed):
-    """Turn running out of disk space inside the block into DiskFull naming the path and the space needed."""
+    """Turn running out of disk space inside the block into DiskFull naming the path and the space needed.
+
+    A failed write counts as a full disk when its message says so, or when less than `space_needed` is free once
+    the block's partial files are gone: torch.save's "file write failed" names no cause.
+    """
     try:
         yield
-    except (OSError, RuntimeError) as error:
-        if not is_disk_full(error) and "No space left" not in str(error):
+    except Exception as error:  # safetensors' SafetensorError is neither OSError nor RuntimeError
+        if not (is_disk_full(error) or (isinstance(error, (OSError, RuntimeError)) and free_bytes(path) < space_needed)):
             raise
         raise DiskFull(f"no space left on the device while writing {path}: it needs about {space_needed / 1e6:.0f} "
                        f"MB, {free_bytes(path) / 1e6:.0f} MB are free; nothing older was removed") from None
@@ -99,7 +110,9 @@ def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler
     all have finished, then prunes old checkpoints, then all go on.
     """
     final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step}"
-    staging = staging_path(final)
+    staging = staging_path(final)  # named by the main process's pid: every process writes into that one folder
+    if accelerator.num_processes > 1:
+        staging = Path(broadcast_object_list([str(staging)])[0])
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise FloatingPointError(f"the weights became non-finite at step {step}; not saving them. "
                                  f"{run_dir.describe_checkpoints(config.output_dir)}")
@@ -116,6 +129,7 @@ def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler
                 save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, staging / EMA_WEIGHTS)
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             (staging / run_dir.TRAINER_STATE).write_text(json.dumps(state))
+            match_umask(staging)
             run_dir.write_manifest(staging)
             os.replace(staging, final)
             run_dir.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)

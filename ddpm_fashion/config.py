@@ -7,6 +7,7 @@ type-checked, unknown keys are errors that list the valid ones, and the resolved
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,15 @@ from ddpm_fashion.unet import check_unet_kwargs
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "fashion_mnist.yaml"
 CPU_CONFIG = CONFIG_DIR / "cpu.yaml"
-# What a checkpoint's weights, optimizer state and batch order were made for: a resumed run must keep these.
-RESUME_FIXED_KEYS = ("unet", "train_batch_size", "gradient_accumulation_steps", "seed", "random_flip", "use_ema",
-                     "ddpm_num_steps", "ddpm_beta_schedule", "prediction_type")
+# What a checkpoint's weights, optimizer state and batch order were made for: a resumed run must keep these, and its
+# global batch (processes x train_batch_size; the trainer checks that, as the process count may change).
+RESUME_FIXED_KEYS = ("unet", "gradient_accumulation_steps", "seed", "random_flip", "use_ema", "ddpm_num_steps",
+                     "ddpm_beta_schedule", "prediction_type")
 UNET_OVERRIDE_PREFIX = "--unet."
+# The words YAML reads as null (and Python's None): command-line values are read like YAML, so these give None.
+NULL_WORDS = ("null", "Null", "NULL", "~", "None")
+# What a value of each field type is, in the words of someone writing a YAML file.
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
 
 
 def default_unet_config() -> dict:
@@ -97,25 +103,53 @@ class TrainConfig:
         check_values(self)
 
 
+def field_type(name: str) -> tuple:
+    """Get a TrainConfig field's type without Optional, and whether it is Optional."""
+    expected = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(expected) is typing.Union:  # Optional[X]
+        return next(a for a in typing.get_args(expected) if a is not type(None)), True
+    return expected, False
+
+
+def checked_value(name: str, value):
+    """Get a value as its field's type holds it (an int for a float field becomes a float), or raise a one-line
+    ValueError naming the field and what it allows."""
+    expected, optional = field_type(name)
+    if value is None and optional:
+        return None
+    if typing.get_origin(expected) is Literal:
+        if value not in typing.get_args(expected):
+            raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(typing.get_args(expected))}")
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML reads 1 as int; 1 is a fine learning rate
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"{name} must be {TYPE_WORDS[expected]}{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
 def check_types(config: TrainConfig) -> None:
-    """Reject a value whose type does not match its field (YAML values bypass argparse's conversion)."""
-    hints = typing.get_type_hints(TrainConfig)
+    """Reject a value whose type does not match its field (values given to the dataclass bypass argparse)."""
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        expected = hints[f.name]
-        if typing.get_origin(expected) is typing.Union:  # Optional[X]
-            if value is None:
-                continue
-            expected = next(a for a in typing.get_args(expected) if a is not type(None))
-        if typing.get_origin(expected) is Literal:
-            if value not in typing.get_args(expected):
-                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {list(typing.get_args(expected))}")
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, f.name, float(value))  # YAML reads 1 as int; 1 is a fine learning rate
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{f.name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+        setattr(config, f.name, checked_value(f.name, getattr(config, f.name)))
+
+
+def check_file_types(values: dict, path: Path) -> dict:
+    """Get a config file's values checked against their fields' types; a wrong one is a one-line ValueError naming
+    the file and key (argparse would blame a command-line option the user never gave)."""
+    checked = {}
+    for key, value in values.items():
+        if field_type(key)[0] is float and isinstance(value, str):
+            # YAML 1.1 reads an exponent without a dot (1e-4) as a string; argparse's float() always read it.
+            try:
+                value = float(value)
+            except ValueError:
+                pass  # refused below as not a number
+        try:
+            checked[key] = checked_value(key, value)
+        except ValueError as error:
+            raise ValueError(f"config file {path}: {error}") from None
+    return checked
 
 
 def check_values(config: TrainConfig) -> None:
@@ -156,15 +190,48 @@ def valid_keys() -> list:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping that gives one key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` may be followed by keys of base: overriding them is what merging is for
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:
+                continue  # an unhashable key, which SafeLoader refuses with its own error
+            if first is not None:
+                where = f"lines {first} and {line}" if first != line else f"both on line {line}"
+                raise DuplicateKeyError(f"key {key!r} appears twice ({where}); keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """Get the value a YAML text holds (safe_load's types), refusing a mapping that gives one key twice."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: Path) -> dict:
-    """Read a config file; a missing file, bad YAML or an unknown key is a one-line ValueError."""
+    """Read a config file; a missing file, bad YAML, a key given twice or an unknown key is a one-line ValueError."""
+    if Path(path).is_dir():
+        raise ValueError(f"config file {path} is a directory, not a YAML file; the shipped ones are in {CONFIG_DIR}")
     if not Path(path).is_file():
         raise ValueError(f"config file {path} does not exist; the shipped ones are in {CONFIG_DIR}")
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        values = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ValueError(f"config file {path} is not UTF-8 text; a config is a YAML file like those in {CONFIG_DIR}") \
             from None
+    except DuplicateKeyError as error:
+        raise ValueError(f"config file {path}: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -194,7 +261,9 @@ def split_unet_overrides(argv: list) -> tuple:
         if not key:
             raise ValueError(f"{arg} names no U-Net key; use --unet.KEY VALUE, e.g. --unet.layers_per_block 2")
         try:
-            overrides[key] = yaml.safe_load(value)
+            overrides[key] = load_yaml(value)
+        except DuplicateKeyError as error:
+            raise ValueError(f"{arg} {value!r}: {error}") from None
         except yaml.YAMLError as error:
             raise ValueError(f"{arg} {value!r} is not a valid YAML value: {str(error).splitlines()[0]}") from None
     return rest, overrides
@@ -202,11 +271,37 @@ def split_unet_overrides(argv: list) -> tuple:
 
 def valid_options() -> str:
     """The command-line options, for error messages."""
-    return "--config, --dry_run, --unet.KEY, " + ", ".join(f"--{k}" for k in valid_keys() if k != "unet")
+    return "--config, --dry_run, --overwrite_output_dir, --unet.KEY, " + ", ".join(f"--{k}" for k in valid_keys() if k != "unet")
+
+
+def or_null(convert):
+    """Get an argparse type that reads a null word (NULL_WORDS) as None and any other text with convert."""
+
+    @functools.wraps(convert)  # keeps convert's name, which argparse's "invalid int value" message shows
+    def parse(text):
+        return None if text in NULL_WORDS else convert(text)
+
+    return parse
+
+
+class ChoicesOrNull(tuple):
+    """argparse choices that also admit None (a null word read by or_null), without listing it as a choice."""
+
+    def __contains__(self, value):
+        return value is None or super().__contains__(value)
 
 
 class ConfigArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose usage errors become ValueErrors, so the launcher prints one line and exits 2."""
+    """HfArgumentParser whose usage errors become ValueErrors, so the launcher prints one line and exits 2, and whose
+    Optional fields take `null` (HfArgumentParser gives an Optional[int] field type=int, which refuses it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            if action.dest in valid_keys() and field_type(action.dest)[1] and action.type is not None:
+                action.type = or_null(action.type)
+                if action.choices is not None:
+                    action.choices = ChoicesOrNull(action.choices)
 
     def error(self, message):
         raise ValueError(f"{message}; valid options: {valid_options()}")
@@ -215,13 +310,17 @@ class ConfigArgumentParser(HfArgumentParser):
 def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CONFIG) -> tuple:
     """Resolve the config from `--config FILE` (default: default_config) and CLI overrides.
 
-    Returns (TrainConfig, dry_run, config_given), config_given saying whether --config was on the command line.
+    Returns (TrainConfig, run options, config_given), config_given saying whether --config was on the command line.
+    The run options say how to run, not what to train, so they are not saved with the config: `dry_run` (print the
+    config, train nothing) and `overwrite_output_dir` (train a new run over an earlier one in output_dir).
     """
     launcher = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     launcher.add_argument("--config", default=None)
     launcher.add_argument("--dry_run", "--dry-run", action="store_true")
+    launcher.add_argument("--overwrite_output_dir", action="store_true")
     known, rest = launcher.parse_known_args(argv)
-    file_values = read_yaml(Path(known.config or default_config))
+    path = Path(known.config or default_config)
+    file_values = check_file_types(read_yaml(path), path)
     rest, unet_overrides = split_unet_overrides(rest)
 
     parser = ConfigArgumentParser(TrainConfig, allow_abbrev=False)
@@ -231,7 +330,7 @@ def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CON
                                                          return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; valid options: {valid_options()}")
-    return config, known.dry_run, known.config is not None
+    return config, known, known.config is not None
 
 
 def config_to_yaml(config: TrainConfig) -> str:

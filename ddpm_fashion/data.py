@@ -360,14 +360,20 @@ class ShardedBatchSampler:
                 "num_samples": self.num_samples, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()`; the data set size, batch size and process count must be unchanged."""
+        """Resume from `state_dict()`; the data set size and the global batch size must be unchanged.
+
+        The process count may differ (batch_size x world_size staying the same): the global batches do not depend
+        on how they are split.
+        """
         missing = set(self.state_dict()) - set(state)
         if missing:
             raise ValueError(f"sampler state lacks {sorted(missing)}; pass the dict that state_dict() returned")
-        for key in ("num_samples", "batch_size", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]} but this run has {getattr(self, key)}; "
-                                 "resume with the same data, per-process batch size and number of processes")
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"sampler state has num_samples={state['num_samples']} but this run has "
+                             f"{self.num_samples}; resume with the same data")
+        if state["batch_size"] * state["world_size"] != self.global_batch_size:
+            raise ValueError(f"sampler state has global batches of {state['world_size']} x {state['batch_size']} but "
+                             f"this run has {self.world_size} x {self.batch_size}; resume with the same global batch")
         if not 0 <= state["position"] <= len(self):
             raise ValueError(f"sampler state position {state['position']} is outside [0, {len(self)}]")
         if state["epoch"] < 0 or state["seed"] < 0:

@@ -12,6 +12,14 @@ import torch
 THREADS_ENV = "DDPM_FASHION_NUM_THREADS"
 
 
+def usable_cpus() -> int:
+    """Get the logical CPUs this process may run on (taskset / cgroup limits; all of them where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def physical_cores() -> int:
     """Get the physical CPU cores this process may run on (hyper-threads do not speed up matrix products)."""
     try:
@@ -21,10 +29,7 @@ def physical_cores() -> int:
         logical = psutil.cpu_count(logical=True) or cores
     except ImportError:
         cores = logical = os.cpu_count() or 1
-    try:
-        allowed = len(os.sched_getaffinity(0))  # taskset / cgroup limits
-    except AttributeError:
-        allowed = logical
+    allowed = usable_cpus()
     # Scale the physical count by the share of logical CPUs we may use.
     return max(1, min(cores, round(cores * allowed / logical)))
 
@@ -43,15 +48,23 @@ def threads_per_process() -> Tuple[int, str]:
 
     An explicit DDPM_FASHION_NUM_THREADS wins; then an OMP_NUM_THREADS other than 1 (the user's). A missing
     OMP_NUM_THREADS or the value 1 is what `accelerate launch` (without --cpu) and `torchrun` set by default, not
-    a choice, so it becomes an even share of the physical cores among this machine's processes.
+    a choice, so it becomes an even share of the physical cores among this machine's processes. More threads than
+    the CPUs this process may run on only slow it down (and a huge count crashes libgomp): DDPM_FASHION_NUM_THREADS
+    above that is refused, OMP_NUM_THREADS (the user's setting for every program) is capped to it.
     """
+    cpus = usable_cpus()
     explicit = os.environ.get(THREADS_ENV, "")
     if explicit:
         if not explicit.isdigit() or int(explicit) < 1:
-            raise ValueError(f"{THREADS_ENV}={explicit!r} must be a positive integer")
+            raise ValueError(f"{THREADS_ENV}={explicit!r} must be a whole number from 1 to {cpus}")
+        if int(explicit) > cpus:
+            raise ValueError(f"{THREADS_ENV}={explicit} is more than the {cpus} CPUs this process may use; "
+                             f"set 1 to {cpus}")
         return int(explicit), THREADS_ENV
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 1:
+        if int(omp) > cpus:
+            return cpus, f"OMP_NUM_THREADS={omp} capped to the {cpus} CPUs this process may use"
         return int(omp), "OMP_NUM_THREADS"
     processes = local_processes()
     share = max(1, physical_cores() // processes)

@@ -8,8 +8,9 @@
         checkpoints/checkpoint-<step>/   accelerator.save_state + our trainer state + manifest.json
         logs/                      TensorBoard
 
-The rules: a folder is only written to if it is absent, empty, or marked as ours; a second run into a locked folder
-is refused; nothing in it changes until every check of the run has passed; checkpoints and the pipeline are written
+The rules: a folder is only written to if it is absent, empty, or marked as ours; a run folder holding an earlier
+run's checkpoints or published pipeline is only continued (--resume_from_checkpoint) or, when the user asks with
+--overwrite_output_dir, trained over; a second run into a locked folder is refused; nothing in it changes until every check of the run has passed; checkpoints and the pipeline are written
 under a temporary name and renamed into place, so a process killed at any moment leaves the old set or the new one;
 every checkpoint carries a manifest (size and SHA-256 of each file), so `latest` only ever resumes from one that is
 provably complete; resuming from a checkpoint older than the newest is refused (continuing it would prune the
@@ -17,14 +18,16 @@ newer ones); publishing replaces only the files it writes.
 """
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ddpm_fashion.files import FolderLock, probe_writable, read_json_object, sha256_of_file
+from ddpm_fashion.files import FolderLock, check_name_fits, probe_writable, read_json_object, sha256_of_file
 
 MARKER_FILE = "ddpm_fashion_run.json"
+OVERWRITE_OPTION = "--overwrite_output_dir"
 RUN_FORMAT = "ddpm_fashion run"
 RUN_FORMAT_VERSION = 1
 CONFIG_FILE = "train_config.yaml"
@@ -38,35 +41,39 @@ PIPELINE_ENTRIES = ("model_index.json", "unet", "scheduler", "README.md", "sampl
 RUN_ENTRIES = (CONFIG_FILE, CHECKPOINTS, "logs", FolderLock.NAME, MARKER_FILE)
 
 
-def protected_entries(model_dir) -> list:
-    """Get the files and folders of a pipeline or run folder that no command's output may replace."""
-    return [Path(model_dir) / name for name in PIPELINE_ENTRIES + RUN_ENTRIES]
+def protected_entries(model_dir, only_if_model: bool = False) -> list:
+    """Get the files and folders of a pipeline, run or checkpoint folder that no command's output may replace.
+
+    A checkpoint (it holds a manifest, or from before manifests a trainer state) is protected whole. With
+    only_if_model (any folder above an output), a folder is a model folder only if it holds one of those, a
+    pipeline's model_index.json or our run marker; any other folder gives [].
+    """
+    folder = Path(model_dir)
+
+    def holds(name: str) -> bool:
+        try:
+            return (folder / name).is_file()
+        except OSError:  # a folder we may not look into is no model of ours to protect
+            return False
+
+    if holds(MANIFEST) or holds(TRAINER_STATE):
+        return [folder]
+    if only_if_model and not (holds(PIPELINE_ENTRIES[0]) or holds(MARKER_FILE)):
+        return []
+    return [folder / name for name in PIPELINE_ENTRIES + RUN_ENTRIES]
 
 
 def is_run_folder(path: Path) -> bool:
-    """Whether a folder was made by this trainer: it holds our marker (or, from before markers, a full config)."""
-    path = Path(path)
-    if (path / MARKER_FILE).is_file():
-        try:
-            return read_json_object(path / MARKER_FILE).get("format") == RUN_FORMAT
-        except ValueError:
-            return False
-    return _is_legacy_run(path)
-
-
-def _is_legacy_run(path: Path) -> bool:
-    """Whether a folder is a run made before markers existed: a train_config.yaml with every key of ours."""
-    from ddpm_fashion.config import read_yaml, valid_keys
-
-    if not (path / CONFIG_FILE).is_file() or looks_like_checkpoint(path):
-        return False
+    """Whether a folder was made by this trainer: it holds our marker."""
     try:
-        values = read_yaml(path / CONFIG_FILE)  # refuses keys that are not ours
-    except ValueError:
+        return read_json_object(Path(path) / MARKER_FILE).get("format") == RUN_FORMAT
+    except ValueError:  # missing, unreadable or not ours
         return False
-    # Runs of every earlier version saved these; a stray YAML file of someone else's does not have them all.
-    return {"output_dir", "train_batch_size", "learning_rate", "ddpm_num_steps", "unet"} <= set(values) <= set(
-        valid_keys()) and isinstance(values["unet"], dict)
+
+
+def holds_pipeline(path: Path) -> bool:
+    """Whether a folder holds a published pipeline (its model_index.json)."""
+    return (Path(path) / PIPELINE_ENTRIES[0]).is_file()
 
 
 def looks_like_checkpoint(path: Path) -> bool:
@@ -75,9 +82,17 @@ def looks_like_checkpoint(path: Path) -> bool:
     return bool(CHECKPOINT_PATTERN.match(path.name)) or (path / TRAINER_STATE).is_file() or (path / MANIFEST).is_file()
 
 
-def check_output_dir(output_dir: str, resuming: bool) -> None:
-    """Refuse an output_dir we must not write to, before anything is written (one-line ValueError)."""
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool = False) -> None:
+    """Refuse an output_dir we must not write to, before anything is written (one-line ValueError).
+
+    A run folder holding an earlier run (its checkpoints or its published pipeline) is only continued
+    (`resuming`) or, with `overwrite`, trained over from scratch; never silently replaced.
+    """
     path = Path(output_dir)
+    check_name_fits(path, f"output_dir {path}")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"output_dir {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                         "create its target or give another output_dir")
     if path.exists() and not path.is_dir():
         raise ValueError(f"output_dir {path} exists and is not a directory")
     if path.is_dir():
@@ -86,17 +101,43 @@ def check_output_dir(output_dir: str, resuming: bool) -> None:
         raise ValueError(f"output_dir {path} is a checkpoint, not a run folder; to continue its run pass the run "
                          f"folder as --output_dir and this path as --resume_from_checkpoint")
     if path.is_dir() and any(path.iterdir()) and not is_run_folder(path):
-        raise ValueError(f"output_dir {path} is not empty and is not a ddpm_fashion run (it has no {MARKER_FILE}); "
+        what = "holds a pipeline that this trainer did not make" if holds_pipeline(path) else "is not empty"
+        raise ValueError(f"output_dir {path} {what} and is not a ddpm_fashion run (it has no {MARKER_FILE}); "
                          "choose a new or empty directory")
-    if path.is_dir() and checkpoint_dirs(path) and not resuming:
-        raise ValueError(f"output_dir {path} has checkpoints from an earlier run; pass --resume_from_checkpoint "
-                         "latest to continue it, or choose another output_dir")
+    if path.is_dir() and not overwrite:
+        earlier = "checkpoints" if checkpoint_dirs(path) else "a published pipeline" if holds_pipeline(path) else None
+        if earlier == "checkpoints" and not resuming:
+            raise ValueError(f"output_dir {path} has checkpoints from an earlier run; pass --resume_from_checkpoint "
+                             f"latest to continue it, {OVERWRITE_OPTION} to train a new run over it, or choose another "
+                             "output_dir")
+        if earlier == "a published pipeline":
+            raise ValueError(f"output_dir {path} holds the published pipeline of an earlier run and no checkpoint to "
+                             f"continue; pass {OVERWRITE_OPTION} to train a new run over it, or choose another "
+                             "output_dir")
     existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"output_dir {path} cannot be created: {existing} is not a directory")
     probe_writable(existing, f"output_dir {path}")
+
+
+def remove_if_nothing_saved(output_dir) -> None:
+    """Remove a run folder that holds only what a run writes at its start (marker, lock, config, empty log folders):
+    a run that failed before its first checkpoint, in a folder it created."""
+    path = Path(output_dir)
+    started = {MARKER_FILE, FolderLock.NAME, CONFIG_FILE, CHECKPOINTS, "logs"}
+    logs_or_checkpoints = [p for name in ("logs", CHECKPOINTS) for p in (path / name).rglob("*") if p.is_file()]
+    if path.is_dir() and {p.name for p in path.iterdir()} <= started and not logs_or_checkpoints:
+        shutil.rmtree(path)
+
+
+def replaced_by_overwrite(output_dir) -> List[str]:
+    """Get what `--overwrite_output_dir` replaces in a run folder: its checkpoints at the start, its train_config.yaml
+    and published pipeline files as the new run writes its own (other files are kept)."""
+    path = Path(output_dir)
+    replaced = [str(p.relative_to(path)) for p in checkpoint_dirs(path)]
+    return replaced + [name for name in PIPELINE_ENTRIES + (CONFIG_FILE,) if (path / name).exists()]
 
 
 def checkpoint_dirs(output_dir) -> list:
@@ -143,7 +184,7 @@ def verify_checkpoint(folder: Path) -> None:
     for name in (TRAINER_STATE, CONFIG_FILE, "model.safetensors"):
         if not (folder / name).is_file():
             raise ValueError(f"checkpoint {folder} is incomplete: {name} is missing")
-    state = read_json_object(folder / TRAINER_STATE, f"checkpoint {folder}: {TRAINER_STATE}")
+    state = read_trainer_state(folder)
     if not isinstance(state.get("global_step"), int):
         raise ValueError(f"checkpoint {folder} is damaged: {TRAINER_STATE} has no global_step")
 
@@ -182,6 +223,11 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -
                          "from it would replace the newer checkpoints. Resume from latest, or copy the run folder "
                          "and resume the copy from the older checkpoint")
     return path, []
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """Get the trainer state (step, batch order, losses) a checkpoint was saved with."""
+    return read_json_object(Path(folder) / TRAINER_STATE, f"checkpoint {folder}: {TRAINER_STATE}")
 
 
 def read_checkpoint_config(folder: Path) -> dict:

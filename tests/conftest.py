@@ -1,5 +1,11 @@
 """Shared fixtures. Tests never touch the network: the Hub is switched off before anything imports it."""
+import json
 import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -9,7 +15,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_DIR = str(ROOT / "benchmarks")
+SCRIPT = ROOT / "train_accelerate.py"
+SMOKE = ROOT / "configs" / "smoke.yaml"
+# The environment a user has: no device, launcher or thread variables (tests stay fast through small configs).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# .ci/run sets this: there the real full-disk tests must run, not skip.
+REQUIRE_TMPFS = "DDPM_FASHION_REQUIRE_TMPFS"
 
 
 def load_benchmark(name):
@@ -70,9 +83,112 @@ def write_synthetic_fashion_mnist(folder, num_train=256, num_test=64, seed=0):
     return str(folder)
 
 
+@contextmanager
+def mounted_tmpfs(folder, size):
+    """Mount a real small file system (tmpfs of `size`, e.g. "256k") on a new folder, to fill for real.
+
+    Mounting needs root on Linux; elsewhere the test is skipped saying so, except under .ci/run, where it fails.
+    """
+    folder = Path(folder)
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True) if shutil.which("mount") else None
+    if done is None or done.returncode != 0:
+        reason = f"cannot mount a {size} tmpfs to fill ({done.stderr.strip() if done else 'no mount command'})"
+        if os.environ.get(REQUIRE_TMPFS):
+            pytest.fail(f"{REQUIRE_TMPFS} is set but {reason}")
+        pytest.skip(f"{reason}: a real full disk needs root on Linux")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder, leave_bytes=0):
+    """Write a dummy file into folder until its file system has about `leave_bytes` free (0: not one byte)."""
+    import errno
+
+    with open(Path(folder) / "filler", "ab", buffering=0) as handle:
+        if leave_bytes:
+            handle.write(b"\0" * max(0, shutil.disk_usage(folder).free - leave_bytes))
+            return
+        for block in (65536, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * block)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+
+
 @pytest.fixture(scope="session")
 def train_data_dir(tmp_path_factory):
     """The real data when installed, otherwise small synthetic IDX files, so training tests always run."""
     if os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
         return FASHION_MNIST_DEBIAN_DIR
     return write_synthetic_fashion_mnist(tmp_path_factory.mktemp("synthetic-fashion-mnist"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer, run as users run it
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_training(output_dir, data_dir, *extra, launcher=(sys.executable,), script=SCRIPT, expect=0, env=None):
+    """Run the trainer on the smoke config in a subprocess; fail the test with its output unless it exits `expect`."""
+    command = [*launcher, str(script), "--config", str(SMOKE), "--output_dir", str(output_dir),
+               "--data_dir", str(data_dir), *map(str, extra)]
+    result = subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, f"{command} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+                                        f"{result.stderr[-3000:]}"
+    return result
+
+
+def train_in_process(output_dir, data_dir, *extra):
+    """Run the trainer's main() in this process (saves the interpreter start-up of a subprocess)."""
+    sys.path.insert(0, str(ROOT))
+    import train_accelerate
+
+    args = ["--config", str(SMOKE), "--output_dir", str(output_dir), "--data_dir", str(data_dir), *map(str, extra)]
+    code = train_accelerate.main(args)
+    assert code == 0, f"train_accelerate.main({args}) returned {code}"
+
+
+def trainer_state(output_dir, step):
+    """The trainer state saved with checkpoint-<step>."""
+    return json.loads((Path(output_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+
+
+def checkpoint_tensors(output_dir, step):
+    """Model and EMA weights of checkpoint-<step>."""
+    from safetensors.torch import load_file
+
+    folder = Path(output_dir) / "checkpoints" / f"checkpoint-{step}"
+    return load_file(folder / "model.safetensors"), load_file(folder / "ema.safetensors")
+
+
+def error_line(err):
+    """The one error line of a failed run (a progress bar may precede it; nothing may follow it)."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("train_accelerate.py: error: "), err[-2000:]
+    assert err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
+    return lines[-1]
+
+
+def tree(folder):
+    """Every file under a folder with its bytes, to prove a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, train_data_dir):
+    """One smoke training run shared by the tests that only read its outputs (checkpoints 8 and 12, a pipeline)."""
+    output_dir = tmp_path_factory.mktemp("smoke") / "out"
+    result = run_training(output_dir, train_data_dir, "--checkpointing_steps", 4)
+    return output_dir, result
+
+
+@pytest.fixture
+def run_copy(smoke_run, tmp_path):
+    """A private copy of the shared smoke run to break or continue."""
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run[0], copy)
+    return copy

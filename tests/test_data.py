@@ -448,6 +448,24 @@ def test_resume_gives_the_same_batches_as_an_uninterrupted_run(stop_after, world
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("before, after", [((1, 12), (2, 6)), ((1, 12), (3, 4)), ((2, 6), (1, 12))])
+def test_a_resumed_order_split_over_another_process_count_continues_the_same_global_batches(before, after):
+    """N processes x batch B see the batches of one with N*B, so a checkpoint's position carries across counts."""
+    first = ShardedBatchSampler(83, before[1], seed=5, world_size=before[0])
+    for position, _ in enumerate(first, start=1):
+        if position == 3:
+            break
+    state = first.state_dict()
+    resumed = [ShardedBatchSampler(83, after[1], seed=0, rank=rank, world_size=after[0]) for rank in range(after[0])]
+    for sampler in resumed:
+        sampler.load_state_dict(state)
+    got = [torch.cat([b.indices for b in batches]) for batches in zip(*resumed)]
+    straight = [b.indices for b in ShardedBatchSampler(83, 12, seed=5)][3:]
+    assert len(got) == len(straight) == 4
+    for a, b in zip(got, straight):
+        assert torch.equal(a, b)
+
+
 def test_finished_epoch_state_resumes_with_the_next_epoch():
     sampler = ShardedBatchSampler(30, 10, seed=2)
     sampler.load_state_dict({"seed": 2, "epoch": 4, "position": 3, "num_samples": 30, "batch_size": 10,
@@ -459,8 +477,8 @@ def test_finished_epoch_state_resumes_with_the_next_epoch():
 
 @pytest.mark.parametrize("change, problem", [
     ({"num_samples": 31}, "num_samples=31 but this run has 30"),
-    ({"batch_size": 5}, "batch_size=5 but this run has 10"),
-    ({"world_size": 2}, "world_size=2 but this run has 1"),
+    ({"batch_size": 5}, "global batches of 1 x 5 but this run has 1 x 10"),
+    ({"world_size": 2}, "global batches of 2 x 10 but this run has 1 x 10"),
     ({"position": 4}, r"position 4 is outside \[0, 3\]"),
     ({"position": -1}, r"position -1 is outside \[0, 3\]"),
     ({"epoch": -1}, "epoch and seed must be >= 0"),

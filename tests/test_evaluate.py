@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 from fractions import Fraction
 
 import pytest
@@ -10,7 +12,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from torchvision.transforms.functional import gaussian_blur
 
-from conftest import load_benchmark
+from conftest import fill_disk, mounted_tmpfs, load_benchmark
 from ddpm_fashion import evaluate, features, metrics, pictures, samples_file
 from ddpm_fashion.cli import main
 from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
@@ -543,3 +545,71 @@ def test_ddim_steps_benchmark_writes_a_row_per_setting_and_step_count(tiny_pipel
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "num_samples: 12 -> 10" in message, message
     assert report.read_bytes() == before
+
+
+# ---- a full disk: the samples file's size is known, so it is checked before sampling; a save that still finds the
+# disk full is one line naming the file, which keeps the batches saved before ------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 512 KB file system (tmpfs), empty; fill_disk(small_disk) leaves it no byte free."""
+    with mounted_tmpfs(tmp_path / "small-disk", "512k") as mount:
+        yield mount
+
+
+def test_a_samples_file_its_disk_cannot_hold_is_refused_before_sampling(tiny_pipeline, small_disk, real_data_dir,
+                                                                        capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        pytest.fail("the command started working before it checked the space of its samples file")
+
+    monkeypatch.setattr(evaluate, "Evaluator", no_work)
+    monkeypatch.setattr(samples_file, "save_samples", no_work)
+    # 20 images in batches of 10: the last save writes the 20-image file beside the 10-image one. Each file holds
+    # its float32 images, the generator's state, and a header of at most 64 KiB.
+    file_bytes = {n: n * 32 * 32 * 4 + torch.Generator().get_state().numel() + 64 * 1024 for n in (10, 20)}
+    needed = file_bytes[20] + file_bytes[10]
+    with open(small_disk / "filler", "wb") as handle:
+        handle.write(b"\0" * (shutil.disk_usage(small_disk).free - needed + 4096))
+    free = shutil.disk_usage(small_disk).free
+    assert free < needed < free + 8192  # a disk that holds the final file, but not the file beside the one before
+    samples = small_disk / "samples.safetensors"
+    code, _, err = run_cli(["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10,
+                            "--num_samples", 20, "--samples_file", samples, "--data_dir", real_data_dir,
+                            "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err == (f"ddpm-fashion evaluate: error: output {samples} needs up to {needed / 1000:.1f} KB, but its disk "
+                   f"has {free / 1000:.1f} KB free; free space or give a path on another disk\n")
+    assert os.listdir(small_disk) == ["filler"]
+
+
+def test_a_samples_file_save_that_finds_the_disk_full_names_the_file_and_a_rerun_continues(
+        tiny_pipeline, small_disk, real_data_dir, reference_cache, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv(CACHE_ENV, str(reference_cache))
+    samples = small_disk / "samples.safetensors"
+    argv = ["evaluate", "--model", tiny_pipeline, "--num_inference_steps", 2, "--batch_size", 10, "--num_samples", 20,
+            "--samples_file", samples, "--data_dir", real_data_dir, "--device", "cpu"]
+    save_samples, saves = samples_file.save_samples, []
+
+    def fill_the_disk_then_save(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # something else fills the disk while the second batch is sampled
+            fill_disk(small_disk)
+        save_samples(*args, **kwargs)
+
+    monkeypatch.setattr(samples_file, "save_samples", fill_the_disk_then_save)
+    code, _, err = run_cli(argv, capsys)
+    error = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 2 and "Traceback" not in err, err
+    assert error == (f"ddpm-fashion evaluate: error: cannot write --samples_file {samples}: no space left on its disk; "
+                     "free space or give a path on another disk; it keeps the images saved before, so rerun the "
+                     "same command to continue"), err
+    assert sorted(os.listdir(small_disk)) == ["filler", "samples.safetensors"]  # no temporary file left behind
+    assert len(load_file(samples)["images"]) == 10
+
+    monkeypatch.setattr(samples_file, "save_samples", save_samples)
+    (small_disk / "filler").unlink()
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0 and "continuing from 10 images" in err, err
+    assert len(load_file(samples)["images"]) == 20

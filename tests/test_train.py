@@ -1,8 +1,6 @@
 """train_accelerate.py end to end: the published pipeline, exact resume, multi-process equivalence, bad input."""
 
-import errno
 import json
-import os
 import re
 import shutil
 import signal
@@ -17,59 +15,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "train_accelerate.py"
-SMOKE = ROOT / "configs" / "smoke.yaml"
-# One torch thread per trainer: the test processes share two cores. The thread rule itself is tested on its own.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "DDPM_FASHION_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+from conftest import (ENV, ROOT, SCRIPT, SMOKE, checkpoint_tensors, error_line, run_training, train_in_process,
+                      trainer_state, tree)
 
 sys.path.insert(0, str(ROOT))
 import train_accelerate  # noqa: E402
 
 from ddpm_fashion import run_dir  # noqa: E402
-
-
-def run_training(output_dir, data_dir, *extra, launcher=(sys.executable,), script=SCRIPT, expect=0, env=None):
-    """Run the trainer on the smoke config in a subprocess; fail the test with its output unless it exits `expect`."""
-    command = [*launcher, str(script), "--config", str(SMOKE), "--output_dir", str(output_dir),
-               "--data_dir", str(data_dir), *map(str, extra)]
-    result = subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == expect, f"{command} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
-                                        f"{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(autouse=True)
-def _one_trainer_thread(monkeypatch):
-    """In-process runs use one torch thread too (the trainer sets threads per process; main() restores them)."""
-    monkeypatch.setenv("DDPM_FASHION_NUM_THREADS", "1")
-
-
-def train_in_process(output_dir, data_dir, *extra):
-    """Run the trainer's main() in this process (saves the interpreter start-up of a subprocess)."""
-    args = ["--config", str(SMOKE), "--output_dir", str(output_dir), "--data_dir", str(data_dir), *map(str, extra)]
-    code = train_accelerate.main(args)
-    assert code == 0, f"train_accelerate.main({args}) returned {code}"
-
-
-def trainer_state(output_dir, step):
-    """The trainer state saved with checkpoint-<step>."""
-    return json.loads((Path(output_dir) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
-
-
-def checkpoint_tensors(output_dir, step):
-    """Model and EMA weights of checkpoint-<step>."""
-    folder = Path(output_dir) / "checkpoints" / f"checkpoint-{step}"
-    return load_file(folder / "model.safetensors"), load_file(folder / "ema.safetensors")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, train_data_dir):
-    """One smoke training run shared by the tests that only read its outputs."""
-    output_dir = tmp_path_factory.mktemp("smoke") / "out"
-    result = run_training(output_dir, train_data_dir, "--checkpointing_steps", 4)
-    return output_dir, result
+from ddpm_fashion.files import STAGING_PREFIX, staging_path  # noqa: E402
 
 
 def test_smoke_run_publishes_a_plain_diffusers_pipeline(smoke_run):
@@ -108,7 +61,10 @@ def test_resume_is_bitwise_exact(tmp_path, train_data_dir):
     train_in_process(straight, train_data_dir, *common, "--max_train_steps", 8)
     train_in_process(stopped, train_data_dir, *common, "--max_train_steps", 4)
     # a half-written checkpoint from a process killed mid-save must be ignored by `latest`
-    (stopped / "checkpoints" / ".tmp-checkpoint-6").mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    half_written = staging_path(stopped / "checkpoints" / "checkpoint-6", owner=killed.pid)
+    half_written.mkdir()
     train_in_process(stopped, train_data_dir, *common, "--max_train_steps", 8, "--resume_from_checkpoint", "latest")
     model_a, ema_a = checkpoint_tensors(straight, 8)
     model_b, ema_b = checkpoint_tensors(stopped, 8)
@@ -118,7 +74,7 @@ def test_resume_is_bitwise_exact(tmp_path, train_data_dir):
     for key in ema_a:
         assert torch.equal(ema_a[key], ema_b[key]), key
     assert trainer_state(straight, 8)["losses"] == trainer_state(stopped, 8)["losses"]
-    assert not (stopped / "checkpoints" / ".tmp-checkpoint-6").exists()
+    assert not half_written.exists()
     # the training time adds up over both sessions, and the model card says so
     first, total = trainer_state(stopped, 4)["train_seconds"], trainer_state(stopped, 8)["train_seconds"]
     assert 0 < first < total
@@ -347,27 +303,6 @@ def test_a_run_killed_at_any_moment_resumes(tmp_path, train_data_dir):
 # Nothing the user made is ever lost (issue 12): run folders, checkpoints, locks, resume rules, faults
 # ---------------------------------------------------------------------------------------------------------------
 
-def error_line(err):
-    """The one error line of a failed run (a progress bar may precede it; nothing may follow it)."""
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("train_accelerate.py: error: "), err[-2000:]
-    assert err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
-    return lines[-1]
-
-
-def tree(folder):
-    """Every file under a folder with its bytes, to prove a refused command changed nothing."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def run_copy(smoke_run, tmp_path):
-    """A private copy of the shared smoke run (checkpoints 8 and 12, a published pipeline) to break or continue."""
-    copy = tmp_path / "run"
-    shutil.copytree(smoke_run[0], copy)
-    return copy
-
-
 def test_a_folder_with_a_foreign_train_config_is_not_a_run(tmp_path, train_data_dir, capsys):
     folder = tmp_path / "r"
     (folder / "unet").mkdir(parents=True)
@@ -406,7 +341,7 @@ def test_resuming_from_an_older_checkpoint_is_refused_and_deletes_nothing(run_co
 def test_resume_with_another_unet_or_batch_size_changes_nothing(run_copy, train_data_dir, capsys):
     before = tree(run_copy)
     for override, named in ((["--unet.block_out_channels", "[32, 64]"], "unet.block_out_channels: [16, 32] -> [32, 64]"),
-                            (["--train_batch_size", "8"], "train_batch_size: 16 -> 8")):
+                            (["--train_batch_size", "8"], "1 process(es) x train_batch_size 16 = 16 -> 1 process(es) x 8 = 8")):
         code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir",
                                       train_data_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", "16",
                                       *override])
@@ -516,7 +451,7 @@ def test_every_rank_finishes_its_checkpoint_part_before_the_rename(tmp_path, tra
         names = {p.name for p in checkpoint.iterdir()}
         assert {f"random_states_{rank}.pkl" for rank in range(processes)} <= names, names
         run_dir.verify_checkpoint(checkpoint)
-    assert not list((output_dir / "checkpoints").glob(".tmp-*"))
+    assert not list((output_dir / "checkpoints").glob(STAGING_PREFIX + "*"))
     assert (output_dir / "model_index.json").is_file()
 
 
@@ -539,37 +474,6 @@ def test_ctrl_c_is_one_line_exit_130_naming_the_checkpoint_to_resume(tmp_path, t
     last = err.strip().splitlines()[-1]
     assert last.startswith("train_accelerate.py: interrupted; the newest checkpoint is "), err[-2000:]
     assert "--resume_from_checkpoint latest" in last and "Traceback" not in err
-
-
-def test_disk_full_while_saving_is_one_line_and_keeps_what_exists(run_copy, train_data_dir, capsys, monkeypatch):
-    before = tree(run_copy)
-
-    def no_space(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(train_accelerate.Accelerator, "save_state", no_space)
-    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir", train_data_dir,
-                                  "--resume_from_checkpoint", "latest", "--max_train_steps", "16",
-                                  "--checkpointing_steps", "4"])
-    err = capsys.readouterr().err
-    line = error_line(err)
-    assert code == 1 and "no space left on the device while writing" in line and " MB are free" in line, err
-    after = tree(run_copy)
-    kept = {name: data for name, data in before.items() if name not in (".lock", "train_config.yaml")}
-    assert kept.items() <= after.items()
-    assert not list((run_copy / "checkpoints").glob(".tmp-*"))
-
-    monkeypatch.undo()
-    monkeypatch.setenv("DDPM_FASHION_NUM_THREADS", "1")
-    monkeypatch.setattr(train_accelerate.DDPMPipeline, "save_pretrained", no_space)
-    code = train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(run_copy), "--data_dir", train_data_dir,
-                                  "--resume_from_checkpoint", "latest", "--max_train_steps", "13",
-                                  "--save_images_steps", "100"])
-    err = capsys.readouterr().err
-    assert code == 1 and "no space left" in error_line(err), err
-    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "samples.png"):
-        assert (run_copy / name).read_bytes() == before[name], name  # the old pipeline is whole
-    assert not list(run_copy.glob(".tmp-*"))
 
 
 def test_a_diverged_run_says_precisely_what_is_kept(tmp_path, train_data_dir, capsys):
@@ -620,15 +524,14 @@ def test_a_launched_cpu_run_uses_every_core(tmp_path, train_data_dir):
 
     if physical_cores() < 2:
         pytest.skip("this machine has one physical core: there is no second one to use")
-    env = {key: value for key, value in ENV.items() if key not in ("DDPM_FASHION_NUM_THREADS", "OMP_NUM_THREADS")}
     accelerate = Path(sys.executable).parent / "accelerate"
     result = run_training(tmp_path / "out", train_data_dir, "--max_train_steps", 1, "--save_images_steps", 100,
-                          launcher=(str(accelerate), "launch", "--num_processes", "1"), env=env)
+                          launcher=(str(accelerate), "launch", "--num_processes", "1"))
     assert f"{physical_cores()} torch threads per process" in result.stdout + result.stderr
     # two processes on this machine share the cores evenly
     torchrun = Path(sys.executable).parent / "torchrun"
     result = run_training(tmp_path / "two", train_data_dir, "--max_train_steps", 1, "--save_images_steps", 100,
-                          "--train_batch_size", 8, env=env,
+                          "--train_batch_size", 8,
                           launcher=(str(torchrun), "--nproc_per_node", "2", "--master_port", "29530"))
     assert f"{max(1, physical_cores() // 2)} torch threads per process" in result.stdout + result.stderr
 

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,13 +12,17 @@ from typing import Optional
 import torch
 
 from ddpm_fashion.checks import positive_int
-from ddpm_fashion.commands.options import add_device_option, add_scheduler_option, add_seed_option, protected_outputs
+from ddpm_fashion.commands.options import (add_device_option, add_scheduler_option, add_seed_option, check_new_output,
+                                           check_free_space, model_folder_entries, protected_outputs, write_error,
+                                           writing)
 from ddpm_fashion.evaluate import DEFAULT_NUM_SAMPLES, MIN_SAMPLES, REAL_TRAIN
 from ddpm_fashion.features import DEFAULT_BATCH_SIZE, FEATURE_CHOICES, INCEPTION_FILE
-from ddpm_fashion.files import atomic_output, check_output_path
+from ddpm_fashion.files import check_output_path, is_disk_full
 
 # Float copies of all generated images held at once: the images, and the concatenation handed to the samples file.
 IMAGE_COPIES = 2
+# The most a samples file's header (safetensors' tensor table and our metadata) takes.
+SAMPLES_HEADER_BYTES = 64 * 1024
 
 
 def open_samples_file(args: argparse.Namespace, pipe, num_inference_steps: int, device: torch.device):
@@ -50,12 +56,53 @@ def generate_for_evaluation(pipe, args: argparse.Namespace, num_inference_steps:
         resume = (saved["images"], saved["generator_state"]) if saved is not None else None
         started = samples_file.start_clock() if samples_file is not None else time.perf_counter()
         images = sampling.generate_images(pipe, args.num_samples, args.batch_size, num_inference_steps, args.seed,
-                                          resume=resume, on_batch=samples_file)
+                                          resume=resume, on_batch=_naming_the_file(samples_file))
         seconds += time.perf_counter() - started
         generated = args.num_samples
     # Seconds are summed over every run that added to the samples, per image they made.
     return images, {"sampling_seconds": round(seconds, 2),
                     "seconds_per_1000_images": round(1000 * seconds / generated, 2), "machine": machine}
+
+
+def samples_file_bytes(num_images: int, image_shape) -> int:
+    """Get an upper bound of the size of a samples file of num_images images: the float32 images, the generator's
+    state and the header (settings and machine, far below SAMPLES_HEADER_BYTES)."""
+    if num_images == 0:
+        return 0
+    state_bytes = torch.Generator("cpu").get_state().numel()
+    return num_images * math.prod(image_shape) * 4 + state_bytes + SAMPLES_HEADER_BYTES
+
+
+def samples_file_growth(samples_file, num_samples: int, batch_size: int, image_shape) -> int:
+    """Get the most disk space a run adds while it saves samples_file after every batch.
+
+    Each save writes the whole file beside the previous one, which is removed only once the new one is in place:
+    the last save holds both the file of all but the last batch and the file of all images.
+    """
+    saved = len(samples_file.saved["images"]) if samples_file.saved is not None else 0
+    if saved >= num_samples:
+        return 0  # the images are there: nothing is written
+    last_batch = num_samples % batch_size or batch_size
+    before_last = samples_file_bytes(max(num_samples - last_batch, saved), image_shape)
+    on_disk = os.path.getsize(samples_file.path) if samples_file.path.exists() else 0
+    return samples_file_bytes(num_samples, image_shape) + before_last - on_disk
+
+
+def _naming_the_file(samples_file):
+    """Get samples_file as an on_batch callback whose failed saves are one line naming the file (None: None)."""
+    if samples_file is None:
+        return None
+
+    def save(images, generator) -> None:
+        try:
+            samples_file(images, generator)
+        except Exception as error:  # OSError, or safetensors' SafetensorError (no OSError) on a full disk
+            if not (isinstance(error, OSError) or is_disk_full(error)):
+                raise
+            raise ValueError(write_error(samples_file.path, error, "--samples_file") + "; it keeps the images "
+                             "saved before, so rerun the same command to continue") from None
+
+    return save
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,12 +112,13 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_fashion.saved_pipeline import load_pipeline, resolve_device, sampler_settings
 
     generated = args.model != REAL_TRAIN
-    protected = protected_outputs(args.model if generated else None)
-    report_path = check_output_path(args.json, (".json",), protected) if args.json else None
+    model = args.model if generated else None
+    report_path = check_new_output(args.json, (".json",), model) if args.json else None
     if args.samples_file:
         if not generated:
             raise ValueError(f"--samples_file keeps generated images; --model {REAL_TRAIN} generates none")
-        check_output_path(args.samples_file, (".safetensors",), protected)
+        # The one output that may exist: a samples file of this very command is continued, any other is refused.
+        check_output_path(args.samples_file, (".safetensors",), protected_outputs(model), model_folder_entries)
     if args.num_samples < MIN_SAMPLES:
         raise ValueError(f"--num_samples must be at least {MIN_SAMPLES}, got {args.num_samples}")
     device = resolve_device(args.device)
@@ -84,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
                                        "--batch_size", "--num_samples", IMAGE_COPIES)
         protocol.update(**sampler_settings(args.scheduler, pipe.scheduler), num_inference_steps=steps)
         samples_file = open_samples_file(args, pipe, steps, device) if args.samples_file else None
+        if samples_file is not None:
+            check_free_space([(samples_file.path, samples_file_growth(samples_file, args.num_samples, args.batch_size,
+                                                                      sampling.sample_shape(pipe)))])
     else:
         images = real_training_images(args.num_samples, args.seed, args.data_dir)
     # Everything that can fail fast (features, weights, reference data) is set up before minutes of sampling.
@@ -94,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     report = {**protocol, **evaluator.evaluate(images)}
     print(format_report(report))
     if report_path:
-        with atomic_output(report_path) as staging:
+        with writing(report_path) as staging:
             staging.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote the report to {report_path}")
     return 0
@@ -119,7 +170,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                         help="images per batch, for sampling and for features")
     add_seed_option(parser, "seed of the sampler, or of the choice of real images")
-    parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--json", default=None, help="write the report as JSON here (a new file)")
     parser.add_argument("--samples_file", default=None,
                         help="keep the generated images in this .safetensors file after every batch; rerunning the "
                              "same command continues an interrupted run where it stopped, with identical results")

@@ -3,8 +3,7 @@
 import argparse
 
 from ddpm_fashion.checks import int_in_range
-from ddpm_fashion.commands.options import FIGURE_SUFFIXES, add_seed_option, protected_outputs
-from ddpm_fashion.files import atomic_output, check_output_path
+from ddpm_fashion.commands.options import FIGURE_SUFFIXES, add_seed_option, check_new_output, writing
 
 # Screen (the figure is about 13 x 10 inches) to print resolution; at the top the PNG is already ~8000 px wide.
 DPI_RANGE = (20, 600)
@@ -15,11 +14,11 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_fashion.data import load_fashion_mnist
     from ddpm_fashion.figures import forward_process_figure, one_per_class
 
-    out = check_output_path(args.out, FIGURE_SUFFIXES, protected_outputs())
+    out = check_new_output(args.out, FIGURE_SUFFIXES)
     images, labels = load_fashion_mnist(split="test", data_dir=args.data_dir)
     chosen = one_per_class(labels)
     figure = forward_process_figure(images[chosen], labels[chosen], seed=args.seed)
-    with atomic_output(out) as staging:
+    with writing(out) as staging:
         figure.savefig(staging, dpi=args.dpi)
     print(f"wrote the forward-process figure to {out}")
     return 0
@@ -28,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `forward` subcommand."""
     parser = subparsers.add_parser("forward", help="figure: the forward process on real images, and the schedules")
-    parser.add_argument("--out", default="forward.png", help="figure file (png, pdf, svg, jpg)")
+    parser.add_argument("--out", default="forward.png",
+                        help="figure file (png, pdf, svg, jpg); a new file: an existing one is never replaced")
     parser.add_argument("--data_dir", default=None, help="folder with the FashionMNIST IDX .gz files")
     add_seed_option(parser, "seed of the noise")
     parser.add_argument("--dpi", type=int_in_range(*DPI_RANGE), default=120,

@@ -4,8 +4,8 @@ import argparse
 import sys
 
 from ddpm_fashion.checks import positive_int
-from ddpm_fashion.commands.options import add_seed_option, protected_outputs
-from ddpm_fashion.files import check_new_folder
+from ddpm_fashion.commands.options import add_seed_option, model_folder_entries, protected_outputs, write_error
+from ddpm_fashion.files import check_new_folder, is_disk_full
 
 DEFAULT_OUT = "fmnist-classifier"
 
@@ -16,12 +16,17 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_fashion.classifier_training import save_classifier, train_classifier
 
     # Before minutes of training, not after; the folder itself appears only when the model is saved.
-    check_new_folder(args.out, "--out", protected_outputs())
+    check_new_folder(args.out, "--out", protected_outputs(), model_folder_entries)
     model, record = train_classifier(args.epochs, args.data_dir, args.seed, progress=not args.quiet)
     data_option = f" --data_dir {args.data_dir}" if args.data_dir else ""
     record["command"] = (f"ddpm-fashion train-classifier --out {args.out} --epochs {args.epochs} "
                          f"--seed {args.seed}{data_option}")
-    folder = save_classifier(model, record, args.out)
+    try:
+        folder = save_classifier(model, record, args.out)
+    except Exception as error:  # OSError, or safetensors' SafetensorError (no OSError) on a full disk
+        if not (isinstance(error, OSError) or is_disk_full(error)):
+            raise
+        raise ValueError(write_error(args.out, error, "--out") + "; nothing was saved") from None
     print(f"test accuracy {record['test_accuracy']:.4f} after {record['epochs']} epochs "
           f"({record['train_seconds']:.0f} s); saved to {folder}")
     if record["test_accuracy"] < REQUIRED_ACCURACY:

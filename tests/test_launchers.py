@@ -1,0 +1,109 @@
+"""The README's launchers exactly as typed, on a machine without a GPU and with no extra variable: each trains with the
+processes it asked for, or is refused up front in one line; and a run resumes across process counts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ENV, ROOT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state, tree
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+STEPS = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--save_images_steps", 100)
+
+
+def processes_trained(result):
+    """Get N from the trainer's start-up line 'training to step ... with N process(es)'."""
+    line = next(line for line in result.stdout.splitlines() if line.startswith("training to step"))
+    return int(line.split(" with ")[1].split()[0])
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("these launches are the CPU-only case; this machine has a GPU")
+
+
+@pytest.mark.parametrize("launcher", [  # torchrun with 2: the README's command below
+    ("torchrun", "--nproc_per_node", "3"),
+    ("accelerate", "launch", "--multi_gpu", "--num_processes", "2"),
+])
+def test_a_launcher_asking_for_n_processes_on_a_cpu_trains_with_n(tmp_path, train_data_dir, launcher):
+    processes = int(launcher[-1])
+    result = run_training(tmp_path / "out", train_data_dir, *STEPS, "--train_batch_size", 4,
+                          launcher=(str(BIN / launcher[0]), *launcher[1:]))
+    assert processes_trained(result) == processes
+    assert trainer_state(tmp_path / "out", 4)["sampler"]["world_size"] == processes
+    assert trainer_state(tmp_path / "out", 4)["images_seen"] == 4 * 4 * processes
+
+
+@pytest.mark.parametrize("flags", [("--num_processes", "2"), ("--cpu", "--num_processes", "3")])
+def test_accelerate_launch_that_would_start_one_process_instead_of_n_is_refused_in_one_line(tmp_path, train_data_dir,
+                                                                                           flags):
+    command = [str(BIN / "accelerate"), "launch", "--quiet", *flags, str(ROOT / "train_accelerate.py"), "--config",
+               str(SMOKE), "--output_dir", str(tmp_path / "out"), "--data_dir", str(train_data_dir)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "train_accelerate.py: error:" in line]
+    assert len(lines) == 1 and "Add --multi_gpu" in lines[0] and "torchrun --nproc_per_node N" in lines[0], \
+        result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_torchrun_command_as_typed_trains_with_two_processes(tmp_path, train_data_dir):
+    """Run from the repository root with a relative script path, exactly as the README shows it."""
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "train_accelerate.py", "--config",
+               "configs/smoke.yaml", "--output_dir", str(tmp_path / "D"), "--data_dir", str(train_data_dir),
+               "--max_train_steps", "2"]
+    result = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert processes_trained(result) == 2
+    assert (tmp_path / "D" / "model_index.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume across process counts: N processes x batch B continue a run of M processes x batch N*B/M
+# ---------------------------------------------------------------------------------------------------------------
+
+def torchrun(processes, port):
+    """The torchrun launcher for `processes` processes."""
+    return (str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(port))
+
+
+def launch(processes, port):
+    """The launcher for a run of `processes` processes (plain python for one)."""
+    return (sys.executable,) if processes == 1 else torchrun(processes, port)
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (1, 3), (2, 1)])
+def test_a_run_resumed_with_another_process_count_continues_as_the_straight_run(tmp_path, train_data_dir, before,
+                                                                                after):
+    global_batch = 12
+    common = ("--checkpointing_steps", 3, "--save_images_steps", 100, "--lr_scheduler", "constant")
+    train_in_process(tmp_path / "straight", train_data_dir, *common, "--max_train_steps", 6,
+                     "--train_batch_size", global_batch)
+    run_training(tmp_path / "split", train_data_dir, *common, "--max_train_steps", 3,
+                 "--train_batch_size", global_batch // before, launcher=launch(before, 29540 + after))
+    result = run_training(tmp_path / "split", train_data_dir, *common, "--max_train_steps", 6,
+                          "--train_batch_size", global_batch // after, "--resume_from_checkpoint", "latest",
+                          launcher=launch(after, 29550 + after))
+    assert processes_trained(result) == after
+    assert trainer_state(tmp_path / "split", 6)["losses"] == pytest.approx(
+        trainer_state(tmp_path / "straight", 6)["losses"], rel=1e-5)
+    straight, _ = checkpoint_tensors(tmp_path / "straight", 6)
+    split, _ = checkpoint_tensors(tmp_path / "split", 6)
+    for key in straight:  # as in the 2-vs-1-process test: float rounding, measured against an update's size
+        torch.testing.assert_close(split[key], straight[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resuming_with_another_global_batch_is_refused_naming_both_process_counts(run_copy, train_data_dir):
+    before = tree(run_copy)
+    result = run_training(run_copy, train_data_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", 16,
+                          launcher=torchrun(2, 29561), expect=1)
+    line = next(line for line in result.stderr.splitlines() if "train_accelerate.py: error:" in line)
+    assert "1 process(es) x train_batch_size 16 = 16 -> 2 process(es) x 16 = 32" in line, line
+    assert "with 2 process(es) pass --train_batch_size 8" in line
+    assert tree(run_copy) == before
