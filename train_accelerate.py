@@ -3,8 +3,8 @@
     accelerate launch train_accelerate.py [--config configs/NAME.yaml] [--key value ...] [--dry_run]
 
 Also runs under `torchrun --nproc_per_node N` and plain `python`. The config says what to train
-(ddpm_fashion/config.py); the launcher says how to run it (processes, GPUs, mixed precision backend).
-The run folder's rules (marker, lock, manifests, what may be replaced) live in ddpm_fashion/run_dir.py.
+(ddpm_fashion/training/config.py); the launcher says how to run it (processes, GPUs, mixed precision backend).
+The run folder's rules (marker, lock, manifests, what may be replaced) live in ddpm_fashion/training/run_dir.py.
 """
 
 import math
@@ -24,20 +24,20 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ddpm_fashion import run_dir
-from ddpm_fashion.checkpointing import load_checkpoint, open_run_folder, save_checkpoint, writing
-from ddpm_fashion.checks import one_line
-from ddpm_fashion.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
+from ddpm_fashion.training import run_dir
+from ddpm_fashion.training.checkpointing import load_checkpoint, open_run_folder, save_checkpoint, writing
+from ddpm_fashion.guards.inputs import one_line
+from ddpm_fashion.training.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
-from ddpm_fashion.files import match_umask, move_files_into, scratch_folder, staging_path
-from ddpm_fashion.model_card import plot_loss, write_model_card
-from ddpm_fashion.objective import loss_weights, sample_timesteps, training_target
-from ddpm_fashion.pictures import grid_tensor, image_grid
-from ddpm_fashion.resources import (check_memory, configure_threads, estimate_unet_bytes, has_fast_bf16,
+from ddpm_fashion.guards.files import match_umask, move_files_into, scratch_folder, staging_path
+from ddpm_fashion.training.model_card import plot_loss, write_model_card
+from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
+from ddpm_fashion.sampling.pictures import grid_tensor, image_grid
+from ddpm_fashion.training.resources import (check_memory, configure_threads, estimate_unet_bytes, has_fast_bf16,
                                     is_out_of_memory)
-from ddpm_fashion.saved_pipeline import check_pipeline_dir
-from ddpm_fashion.scheduler import DDPMScheduler
-from ddpm_fashion.unet import UNet
+from ddpm_fashion.sampling.saved_pipeline import check_pipeline_dir
+from ddpm_fashion.schedulers.ddpm import DDPMScheduler
+from ddpm_fashion.models.unet import UNet
 
 def build_models(config):
     """The U-Net and noise scheduler; both U-Net implementations start from the same UNet2DModel weights."""

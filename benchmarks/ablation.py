@@ -45,11 +45,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ddpm_fashion.config import with_new_keys_at_defaults  # noqa: E402
-from ddpm_fashion.evaluate import Evaluator, machine_description, real_training_images  # noqa: E402
-from ddpm_fashion.files import atomic_output, continue_study  # noqa: E402
-from ddpm_fashion.sampling import generate_images  # noqa: E402
-from ddpm_fashion.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
+from ddpm_fashion.training.config import with_new_keys_at_defaults  # noqa: E402
+from ddpm_fashion.evaluation.sample_quality import Evaluator, machine_description, real_training_images  # noqa: E402
+from ddpm_fashion.guards.files import atomic_output  # noqa: E402
+from studies import continue_study  # noqa: E402
+from ddpm_fashion.sampling.generate import generate_images  # noqa: E402
+from ddpm_fashion.sampling.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
 
 TRAIN_IMAGES = 60_000
 # configs/cpu.yaml as the study found it (the protocol still calls it cpu.yaml); cpu.yaml now holds the winners.

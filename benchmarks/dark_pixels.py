@@ -26,13 +26,13 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddpm_fashion.data import load_fashion_mnist  # noqa: E402
-from ddpm_fashion.evaluate import Evaluator, real_training_images  # noqa: E402
-from ddpm_fashion.files import atomic_output, check_output_path  # noqa: E402
-from ddpm_fashion.metrics import pixel_shares  # noqa: E402
-from ddpm_fashion.pictures import to_uint8_images  # noqa: E402
+from ddpm_fashion.evaluation.sample_quality import Evaluator, real_training_images  # noqa: E402
+from ddpm_fashion.guards.files import atomic_output, check_output_path  # noqa: E402
+from ddpm_fashion.evaluation.metrics import pixel_shares  # noqa: E402
+from ddpm_fashion.sampling.pictures import to_uint8_images  # noqa: E402
 from ddpm_fashion.data import to_model_input  # noqa: E402
-from ddpm_fashion.sampling import generate_images, inference_steps, predicted_original  # noqa: E402
-from ddpm_fashion.saved_pipeline import SCHEDULER_CHOICES, load_pipeline  # noqa: E402
+from ddpm_fashion.sampling.generate import generate_images, inference_steps, predicted_original  # noqa: E402
+from ddpm_fashion.sampling.saved_pipeline import SCHEDULER_CHOICES, load_pipeline  # noqa: E402
 
 THRESHOLDS = (0, 1, 2, 4, 8)  # k: pixels <= k/255 become 0; 0 is the images as they are
 LOW_TIMESTEPS = (0, 2, 5, 10, 20, 50, 100, 200)

@@ -17,8 +17,8 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddpm_fashion.evaluate import Evaluator, real_training_images  # noqa: E402
-from ddpm_fashion.files import atomic_output, check_output_path  # noqa: E402
+from ddpm_fashion.evaluation.sample_quality import Evaluator, real_training_images  # noqa: E402
+from ddpm_fashion.guards.files import atomic_output, check_output_path  # noqa: E402
 
 NOISE_SIGMAS = (0.01, 0.02, 0.05)
 BLUR_SIGMAS = (0.4, 0.5, 0.7)

@@ -16,7 +16,7 @@ import diffusers
 import torch
 import yaml
 
-from ddpm_fashion.scheduler import DDPMScheduler
+from ddpm_fashion.schedulers.ddpm import DDPMScheduler
 
 CPU_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu.yaml"
 

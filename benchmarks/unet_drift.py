@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddpm_fashion.unet import UNet  # noqa: E402
-from ddpm_fashion.unet_blocks import Upsample  # noqa: E402
+from ddpm_fashion.models.unet import UNet  # noqa: E402
+from ddpm_fashion.models.unet_blocks import Upsample  # noqa: E402
 
 TIMESTEPS = (999, 500, 50)
 

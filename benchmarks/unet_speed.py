@@ -33,7 +33,7 @@ from diffusers import UNet2DModel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ddpm_fashion.unet import UNet  # noqa: E402
+from ddpm_fashion.models.unet import UNet  # noqa: E402
 
 ISSUE_UNET = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64, 128],
               "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],

@@ -12,10 +12,10 @@ import re
 import sys
 from typing import List, Optional
 
-from ddpm_fashion.checks import one_line
+from ddpm_fashion.guards.inputs import one_line
 from ddpm_fashion.commands import COMMANDS
 from ddpm_fashion.commands.options import PROG
-from ddpm_fashion.resources import is_out_of_memory
+from ddpm_fashion.training.resources import is_out_of_memory
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -29,6 +29,8 @@ def load_benchmark(name):
     """Import benchmarks/<name>.py (a script folder, not a package) as a module."""
     import importlib.util
 
+    if BENCHMARKS_DIR not in sys.path:  # the scripts import their shared studies.py, as they do when run
+        sys.path.insert(0, BENCHMARKS_DIR)
     spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -16,12 +16,15 @@ from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from PIL import Image
 
 from conftest import fill_disk, mounted_tmpfs, write_synthetic_fashion_mnist
-from ddpm_fashion import compare, reverse_process_gif, sampling, saved_pipeline
+from ddpm_fashion.sampling import own_vs_library
+from ddpm_fashion.sampling import reverse_process_gif
+from ddpm_fashion.sampling import generate
+from ddpm_fashion.sampling import saved_pipeline
 from ddpm_fashion.cli import main
 from ddpm_fashion.commands import sample as sample_command
-from ddpm_fashion.figures import SCHEDULES, noised_images, one_per_class, schedule_curves
-from ddpm_fashion.scheduler import DDPMScheduler
-from ddpm_fashion.unet import UNet
+from ddpm_fashion.schedulers.forward_figures import SCHEDULES, noised_images, one_per_class, schedule_curves
+from ddpm_fashion.schedulers.ddpm import DDPMScheduler
+from ddpm_fashion.models.unet import UNet
 
 SIZE = 16  # tiny images keep every U-Net forward in the millisecond range
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +65,7 @@ def run_cli(argv, capsys):
 @pytest.mark.parametrize("scheduler", ["diffusers", "own"])
 def test_generate_images_equals_ddpm_pipeline_call(model_dir, scheduler):
     pipe = saved_pipeline.load_pipeline(model_dir, scheduler=scheduler, unet="diffusers", device="cpu")
-    ours = sampling.generate_images(pipe, 3, batch_size=3, num_inference_steps=4, seed=7, progress=False)
+    ours = generate.generate_images(pipe, 3, batch_size=3, num_inference_steps=4, seed=7, progress=False)
 
     library = DDPMPipeline.from_pretrained(model_dir, local_files_only=True)
     library.set_progress_bar_config(disable=True)
@@ -74,10 +77,10 @@ def test_generate_images_equals_ddpm_pipeline_call(model_dir, scheduler):
 
 def test_generate_images_in_batches_is_seeded_and_bounded_to_unit_range(model_dir):
     pipe = saved_pipeline.load_pipeline(model_dir, device="cpu")
-    five = sampling.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
-    again = sampling.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
-    first_batch = sampling.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=1, progress=False)
-    other_seed = sampling.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=2, progress=False)
+    five = generate.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
+    again = generate.generate_images(pipe, 5, batch_size=2, num_inference_steps=3, seed=1, progress=False)
+    first_batch = generate.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=1, progress=False)
+    other_seed = generate.generate_images(pipe, 2, batch_size=2, num_inference_steps=3, seed=2, progress=False)
     assert five.shape == (5, 1, SIZE, SIZE)
     assert five.min() >= 0 and five.max() <= 1
     assert torch.equal(five, again)
@@ -93,7 +96,7 @@ def test_the_progress_bar_counts_the_unet_calls_of_the_walk(model_dir, scheduler
     calls = []
     unet_forward = pipe.unet.forward
     pipe.unet.forward = lambda *args, **kwargs: calls.append(1) or unet_forward(*args, **kwargs)
-    sampling.generate_images(pipe, 3, batch_size=2, num_inference_steps=10, seed=0, progress=True)
+    generate.generate_images(pipe, 3, batch_size=2, num_inference_steps=10, seed=0, progress=True)
     assert len(calls) == 2 * walk
     assert f"{2 * walk}/{2 * walk}" in capsys.readouterr().err
 
@@ -121,11 +124,11 @@ def test_generate_images_checks_inputs_before_running_the_unet(model_dir, monkey
     monkeypatch.setattr(pipe.unet, "forward", lambda *args, **kwargs: pytest.fail("the U-Net ran on bad input"))
     for steps in (0, -1, 1001):
         with pytest.raises(ValueError, match="num_inference_steps must be between 1 and the 1000"):
-            sampling.generate_images(pipe, 2, num_inference_steps=steps, progress=False)
+            generate.generate_images(pipe, 2, num_inference_steps=steps, progress=False)
     with pytest.raises(ValueError, match="num_images must be a positive integer"):
-        sampling.generate_images(pipe, 0, num_inference_steps=2, progress=False)
+        generate.generate_images(pipe, 0, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        sampling.generate_images(pipe, 2, batch_size=0, num_inference_steps=2, progress=False)
+        generate.generate_images(pipe, 2, batch_size=0, num_inference_steps=2, progress=False)
 
 
 def test_resolve_device():
@@ -140,7 +143,7 @@ def test_predicted_original_matches_the_library_step():
     sample, model_output = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     for timestep in (999, 500, 1):
         expected = scheduler.step(model_output, timestep, sample).pred_original_sample
-        got = sampling.predicted_original(scheduler, model_output, torch.tensor(timestep), sample)
+        got = generate.predicted_original(scheduler, model_output, torch.tensor(timestep), sample)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -195,8 +198,8 @@ def test_compare_reports_identical_images_for_all_four_combinations(model_dir, t
             own_unets.append(pipe.unet)
         return pipe
 
-    monkeypatch.setattr(compare, "load_pipeline", load_and_keep_own_unet)
-    report_path, out = tmp_path / "report.json", tmp_path / "compare.png"
+    monkeypatch.setattr(own_vs_library, "load_pipeline", load_and_keep_own_unet)
+    report_path, out = tmp_path / "report.json", tmp_path / "own_vs_library.png"
     code, stdout, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 3, "--num_images", 2,
                                     "--seed", 3, "--json", report_path, "--out", out], capsys)
     report = json.loads(report_path.read_text())
@@ -207,9 +210,9 @@ def test_compare_reports_identical_images_for_all_four_combinations(model_dir, t
     for combination in [("diffusers", "diffusers"), ("diffusers", "own"), ("own", "diffusers"), ("own", "own")]:
         assert runs[(*combination, "reference")]["max_abs_diff"] == 0.0
         assert runs[(*combination, "reference")]["tolerance"] == 1e-5  # the issue's gate
-    assert runs["own", "own", "fast"]["tolerance"] == compare.LAYOUT_TOLERANCE
+    assert runs["own", "own", "fast"]["tolerance"] == own_vs_library.LAYOUT_TOLERANCE
     for run in report["runs"]:
-        assert run["max_abs_diff"] <= compare.MAX_ABS_DIFF_TOLERANCE, run  # a tiny model stays under 1e-5 anyway
+        assert run["max_abs_diff"] <= own_vs_library.MAX_ABS_DIFF_TOLERANCE, run  # a tiny model stays under 1e-5 anyway
         assert run["sec_per_step"] > 0 and run["images_per_s"] > 0
         assert run["unet_forward_ms"] > 0 and run["scheduler_step_ms"] > 0
     assert report["settings"]["num_inference_steps"] == 3 and report["settings"]["num_images"] == 2
@@ -229,7 +232,7 @@ def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys,
                 pipe.unet.conv_out.bias.add_(0.1)
         return pipe
 
-    monkeypatch.setattr(compare, "load_pipeline", load_with_perturbed_own_unet)
+    monkeypatch.setattr(own_vs_library, "load_pipeline", load_with_perturbed_own_unet)
     report_path = tmp_path / "report.json"
     code, _, stderr = run_cli(["compare", "--model", model_dir, "--num_inference_steps", 2, "--num_images", 2,
                                "--json", report_path], capsys)
@@ -237,17 +240,17 @@ def test_compare_exits_1_when_a_combination_differs(model_dir, tmp_path, capsys,
     assert re.search(r"FAILED: unet=own scheduler=diffusers \([0-9.e-]+ > 1e-05\), unet=own scheduler=own \([0-9.e-]+ "
                      r"> 1e-05\), unet=own \(fast\) scheduler=own \([0-9.e-]+ > 0.001\) differ", stderr), stderr
     runs = json.loads(report_path.read_text())["runs"]  # the report is still written, to show the difference
-    assert [run["max_abs_diff"] > compare.LAYOUT_TOLERANCE for run in runs] == [False, False, True, True, True]
+    assert [run["max_abs_diff"] > own_vs_library.LAYOUT_TOLERANCE for run in runs] == [False, False, True, True, True]
 
 
 def test_each_run_is_held_to_its_own_tolerance():
     def run(mode, max_abs_diff):
-        tolerance = compare.LAYOUT_TOLERANCE if mode == "fast" else compare.MAX_ABS_DIFF_TOLERANCE
+        tolerance = own_vs_library.LAYOUT_TOLERANCE if mode == "fast" else own_vs_library.MAX_ABS_DIFF_TOLERANCE
         return {"unet": "own", "scheduler": "own", "mode": mode, "max_abs_diff": max_abs_diff, "tolerance": tolerance}
 
     report = {"runs": [run("reference", 5e-5), run("fast", 5e-5), run("reference", 5e-6), run("fast", 2e-3),
                        run("reference", float("nan"))]}
-    failed = compare.mismatched_runs(report)
+    failed = own_vs_library.mismatched_runs(report)
     assert [(r["mode"], r["max_abs_diff"]) for r in failed[:2]] == [("reference", 5e-5), ("fast", 2e-3)]
     assert len(failed) == 3 and math.isnan(failed[2]["max_abs_diff"])
 
@@ -380,7 +383,7 @@ def test_ctrl_c_is_one_line_and_exit_130_with_nothing_half_written(model_dir, tm
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sampling, "generate_images", interrupted)
+    monkeypatch.setattr(generate, "generate_images", interrupted)
     code, _, stderr = run_cli(["sample", "--model", model_dir, "--num_inference_steps", 2, "--out",
                                tmp_path / "grid.png"], capsys)
     assert code == 130 and stderr.strip() == "ddpm-fashion sample: interrupted"
@@ -532,9 +535,9 @@ def test_a_seed_out_of_range_is_one_line_naming_seed_and_its_range(model_dir, tm
 def test_library_functions_refuse_a_seed_torch_cannot_take(model_dir):
     pipe = saved_pipeline.load_pipeline(model_dir, device="cpu")
     with pytest.raises(ValueError, match="seed must be an integer from 0 to 4294967295"):
-        sampling.generate_images(pipe, 1, num_inference_steps=1, seed=int(BIG_SEED), progress=False)
+        generate.generate_images(pipe, 1, num_inference_steps=1, seed=int(BIG_SEED), progress=False)
     with pytest.raises(ValueError, match="seed must be an integer from 0 to 4294967295"):
-        compare.run_comparison(model_dir, 1, 1, seed=-1, device="cpu", progress=False)
+        own_vs_library.run_comparison(model_dir, 1, 1, seed=-1, device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("name, content", [
@@ -634,7 +637,7 @@ ABSURD_SIZES = {
 @pytest.mark.parametrize("case", ABSURD_SIZES)
 def test_absurd_sizes_are_refused_up_front_naming_the_option(model_dir, tmp_path, capsys, monkeypatch, case):
     make_args, message = ABSURD_SIZES[case]
-    monkeypatch.setattr(sampling, "denoise", lambda *args, **kwargs: pytest.fail("sampled before checking sizes"))
+    monkeypatch.setattr(generate, "denoise", lambda *args, **kwargs: pytest.fail("sampled before checking sizes"))
     monkeypatch.chdir(tmp_path)
     code, _, stderr = run_cli([*make_args(model_dir), "--num_inference_steps", 2, "--device", "cpu"], capsys)
     assert code == 2 and stderr.count("\n") == 1, stderr
@@ -670,7 +673,7 @@ def test_running_out_of_memory_is_one_line_naming_the_option_to_lower(model_dir,
     def out_of_memory(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(sampling, "generate_images", out_of_memory)
+    monkeypatch.setattr(generate, "generate_images", out_of_memory)
     code, _, stderr = run_cli(["sample", "--model", model_dir, "--num_inference_steps", 2,
                                "--out", tmp_path / "s.png"], capsys)
     assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
@@ -685,13 +688,13 @@ def test_other_runtime_errors_still_show_their_traceback(model_dir, tmp_path, ca
     def bug(*args, **kwargs):
         raise RuntimeError("a bug, not a size")
 
-    monkeypatch.setattr(sampling, "generate_images", bug)
+    monkeypatch.setattr(generate, "generate_images", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["sample", "--model", str(model_dir), "--num_inference_steps", "2", "--out", str(tmp_path / "s.png")])
 
 
 def test_unet_memory_estimate_grows_with_batch_size_image_size_and_training():
-    from ddpm_fashion.resources import FLOAT_BYTES, estimate_unet_bytes
+    from ddpm_fashion.training.resources import FLOAT_BYTES, estimate_unet_bytes
 
     config = {"sample_size": 32, "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 8,
               "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "add_attention": False}
@@ -707,7 +710,7 @@ def test_unet_memory_estimate_grows_with_batch_size_image_size_and_training():
 
 
 def test_check_memory_names_the_option_only_when_it_does_not_fit():
-    from ddpm_fashion.resources import available_memory, check_memory
+    from ddpm_fashion.training.resources import available_memory, check_memory
 
     free = available_memory(torch.device("cpu"))
     check_memory(1000, "cpu", "a little", "--batch_size")
@@ -729,21 +732,23 @@ def test_an_output_that_is_a_link_to_a_model_file_is_refused(model_dir, tmp_path
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """Fail the test if a command starts its work (sampling, data, scoring, training) before refusing an output."""
-    from ddpm_fashion import classifier_training, data, evaluate
+    """Fail the test if a command starts its work (generate, data, scoring, training) before refusing an output."""
+    from ddpm_fashion import data
+    from ddpm_fashion.evaluation import classifier_training
+    from ddpm_fashion.evaluation import sample_quality
 
     def fail(*args, **kwargs):
         pytest.fail("the command started working before it refused its output")
 
-    for module, name in [(sampling, "denoise"), (compare, "denoise"), (evaluate, "Evaluator"),
-                         (evaluate, "real_training_images"), (data, "load_fashion_mnist"),
+    for module, name in [(generate, "denoise"), (own_vs_library, "denoise"), (sample_quality, "Evaluator"),
+                         (sample_quality, "real_training_images"), (data, "load_fashion_mnist"),
                          (classifier_training, "train_classifier")]:
         monkeypatch.setattr(module, name, fail)
 
 
 def _other_model_and_run(model_dir, tmp_path):
     """A second saved pipeline B (with the trainer's pictures), and a run folder R with logs and a checkpoint."""
-    from ddpm_fashion import run_dir
+    from ddpm_fashion.training import run_dir
 
     other = _copy_model(model_dir, tmp_path, "B")
     (other / "samples.png").write_bytes(b"the trainer's samples")
@@ -947,7 +952,7 @@ def test_a_png_grid_its_disk_cannot_hold_is_refused_before_sampling(model_dir, f
 def test_the_png_grid_bound_holds_for_incompressible_images_at_every_compression_level():
     import io
 
-    from ddpm_fashion.pictures import image_grid
+    from ddpm_fashion.sampling.pictures import image_grid
 
     for num_images in (1, 2, 5, 64, 257):
         images = torch.rand(num_images, 1, 32, 32)
@@ -989,7 +994,7 @@ def test_a_write_that_finds_the_disk_full_is_one_line_naming_the_file_and_leaves
 
 
 def test_train_classifier_on_a_full_disk_names_the_folder_and_leaves_nothing(full_disk, tmp_path, capsys):
-    from ddpm_fashion import classifier_training
+    from ddpm_fashion.evaluation import classifier_training
 
     data_dir = write_synthetic_fashion_mnist(tmp_path, num_train=classifier_training.BATCH_SIZE, num_test=10)
     out = full_disk / "classifier"

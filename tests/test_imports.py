@@ -73,15 +73,15 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> set:
 
 
 @pytest.mark.parametrize("source, module, expected", [
-    ("import ddpm_fashion.cli", "ddpm_fashion.evaluate", True),
-    ("from ddpm_fashion.cli import main", "ddpm_fashion.evaluate", True),
-    ("from ddpm_fashion import cli", "ddpm_fashion.evaluate", True),
-    ("def f():\n    from .cli import one_line", "ddpm_fashion.evaluate", True),
+    ("import ddpm_fashion.cli", "ddpm_fashion.evaluation.sample_quality", True),
+    ("from ddpm_fashion.cli import main", "ddpm_fashion.evaluation.sample_quality", True),
+    ("from ddpm_fashion import cli", "ddpm_fashion.evaluation.sample_quality", True),
+    ("def f():\n    from ..cli import one_line", "ddpm_fashion.evaluation.sample_quality", True),
     ("from .. import cli", "ddpm_fashion.commands.sample", True),
     ("from ..cli import main", "ddpm_fashion.commands.sample", True),
-    ("importlib.import_module('ddpm_fashion.cli')", "ddpm_fashion.evaluate", True),
-    ("from . import checks, files", "ddpm_fashion.evaluate", False),
-    ("from .cli_helpers import x", "ddpm_fashion.evaluate", False),
+    ("importlib.import_module('ddpm_fashion.cli')", "ddpm_fashion.evaluation.sample_quality", True),
+    ("from . import checks, files", "ddpm_fashion.evaluation.sample_quality", False),
+    ("from .cli_helpers import x", "ddpm_fashion.evaluation.sample_quality", False),
     ("from . import cli", "ddpm_fashion.commands.sample", False),  # ddpm_fashion.commands.cli is another module
 ])
 def test_the_source_check_finds_every_form_of_importing_the_cli(source, module, expected):
@@ -147,7 +147,7 @@ def third_party_imports() -> list:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks one child per module; the source check above still runs")
 def test_each_module_imports_alone_without_loading_the_cli(tmp_path):
     modules = all_modules()
-    assert {"ddpm_fashion.scheduler", "ddpm_fashion.__main__", CLI} <= set(modules)
+    assert {"ddpm_fashion.schedulers.ddpm", "ddpm_fashion.__main__", CLI} <= set(modules)
     report = tmp_path / "imports.json"
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
     subprocess.run([sys.executable, "-c", IMPORT_EACH_ALONE, json.dumps(third_party_imports()), json.dumps(modules),

@@ -21,8 +21,8 @@ from conftest import (ENV, ROOT, SCRIPT, SMOKE, checkpoint_tensors, error_line, 
 sys.path.insert(0, str(ROOT))
 import train_accelerate  # noqa: E402
 
-from ddpm_fashion import run_dir  # noqa: E402
-from ddpm_fashion.files import STAGING_PREFIX, staging_path  # noqa: E402
+from ddpm_fashion.training import run_dir  # noqa: E402
+from ddpm_fashion.guards.files import STAGING_PREFIX, staging_path  # noqa: E402
 
 
 def test_smoke_run_publishes_a_plain_diffusers_pipeline(smoke_run):
@@ -82,7 +82,7 @@ def test_resume_is_bitwise_exact(tmp_path, train_data_dir):
 
 
 def test_model_card_training_time_over_sessions():
-    from ddpm_fashion.model_card import describe_training_time
+    from ddpm_fashion.training.model_card import describe_training_time
 
     assert describe_training_time(5615.4, 3535.2) == "5615 s over all sessions (3535 s in the last)"
     assert describe_training_time(120.2, 120.2) == "120 s"
@@ -391,8 +391,8 @@ def test_a_broken_checkpoint_without_manifest_is_one_line_and_writes_nothing(tmp
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from ddpm_fashion.files import FolderLock
-    from ddpm_fashion.run_dir import mark_as_run
+    from ddpm_fashion.guards.files import FolderLock
+    from ddpm_fashion.training.run_dir import mark_as_run
     mark_as_run(sys.argv[1])
     lock = FolderLock(sys.argv[1], "run").acquire()
     print("locked", flush=True)
@@ -520,7 +520,7 @@ def test_publishing_replaces_only_its_own_files(run_copy, train_data_dir):
 
 
 def test_a_launched_cpu_run_uses_every_core(tmp_path, train_data_dir):
-    from ddpm_fashion.resources import physical_cores
+    from ddpm_fashion.training.resources import physical_cores
 
     if physical_cores() < 2:
         pytest.skip("this machine has one physical core: there is no second one to use")
@@ -584,7 +584,7 @@ def test_bad_input_through_accelerate_launch_shows_our_line(tmp_path):
 
 def test_every_ablation_row_is_a_valid_config_of_one_epoch():
     from conftest import load_benchmark
-    from ddpm_fashion.config import parse_config
+    from ddpm_fashion.training.config import parse_config
 
     ablation = load_benchmark("ablation")
     for name in ablation.ROWS:
@@ -600,7 +600,7 @@ def test_the_cpu_yaml_ablation_rows_train_what_configs_cpu_yaml_trains_and_train
     from dataclasses import asdict
 
     from conftest import load_benchmark
-    from ddpm_fashion.config import parse_config
+    from ddpm_fashion.training.config import parse_config
 
     ablation = load_benchmark("ablation")
     recipe, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])
@@ -670,7 +670,7 @@ def test_an_equal_time_ablation_row_trains_the_images_its_speed_buys_in_the_anch
     from argparse import Namespace
 
     from conftest import load_benchmark
-    from ddpm_fashion.config import parse_config
+    from ddpm_fashion.training.config import parse_config
 
     ablation = load_benchmark("ablation")
     speed = {"cpu-yaml": {"img_per_s": 140.0}, "cpu-yaml-wide": {"img_per_s": 84.0}}
@@ -761,7 +761,7 @@ def test_the_committed_reference_model_is_configs_cpu_yaml():
     """README's Results describe benchmarks/results/reference-model as configs/cpu.yaml: changing one alone fails."""
     from diffusers import DDPMPipeline
 
-    from ddpm_fashion.config import config_to_yaml, parse_config, with_new_keys_at_defaults
+    from ddpm_fashion.training.config import config_to_yaml, parse_config, with_new_keys_at_defaults
 
     reference = ROOT / "benchmarks" / "results" / "reference-model"
     config, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])

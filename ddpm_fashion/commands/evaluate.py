@@ -11,13 +11,13 @@ from typing import Optional
 
 import torch
 
-from ddpm_fashion.checks import positive_int
+from ddpm_fashion.guards.inputs import positive_int
 from ddpm_fashion.commands.options import (add_device_option, add_scheduler_option, add_seed_option, check_new_output,
                                            check_free_space, model_folder_entries, protected_outputs, write_error,
                                            writing)
-from ddpm_fashion.evaluate import DEFAULT_NUM_SAMPLES, MIN_SAMPLES, REAL_TRAIN
-from ddpm_fashion.features import DEFAULT_BATCH_SIZE, FEATURE_CHOICES, INCEPTION_FILE
-from ddpm_fashion.files import check_output_path, is_disk_full
+from ddpm_fashion.evaluation.sample_quality import DEFAULT_NUM_SAMPLES, MIN_SAMPLES, REAL_TRAIN
+from ddpm_fashion.evaluation.features import DEFAULT_BATCH_SIZE, FEATURE_CHOICES, INCEPTION_FILE
+from ddpm_fashion.guards.files import check_output_path, is_disk_full
 
 # Float copies of all generated images held at once: the images, and the concatenation handed to the samples file.
 IMAGE_COPIES = 2
@@ -27,10 +27,10 @@ SAMPLES_HEADER_BYTES = 64 * 1024
 
 def open_samples_file(args: argparse.Namespace, pipe, num_inference_steps: int, device: torch.device):
     """Get the --samples_file of this run, refusing one made with other settings (before any slow set-up)."""
-    from ddpm_fashion.evaluate import machine_description
-    from ddpm_fashion.sampling import sample_shape
-    from ddpm_fashion.samples_file import SamplesFile, pipeline_fingerprint
-    from ddpm_fashion.saved_pipeline import sampler_settings
+    from ddpm_fashion.evaluation.sample_quality import machine_description
+    from ddpm_fashion.sampling.generate import sample_shape
+    from ddpm_fashion.sampling.samples_file import SamplesFile, pipeline_fingerprint
+    from ddpm_fashion.sampling.saved_pipeline import sampler_settings
 
     settings = {"model_sha256": pipeline_fingerprint(args.model), **sampler_settings(args.scheduler, pipe.scheduler),
                 "num_inference_steps": num_inference_steps, "seed": args.seed, "batch_size": args.batch_size,
@@ -42,8 +42,8 @@ def open_samples_file(args: argparse.Namespace, pipe, num_inference_steps: int, 
 def generate_for_evaluation(pipe, args: argparse.Namespace, num_inference_steps: int, device: torch.device,
                             samples_file=None):
     """Get generated images [N, 1, H, W] and the timing fields of the report, continuing samples_file if given."""
-    from ddpm_fashion import sampling
-    from ddpm_fashion.evaluate import machine_description
+    from ddpm_fashion.sampling import generate
+    from ddpm_fashion.evaluation.sample_quality import machine_description
 
     saved = samples_file.saved if samples_file is not None else None
     seconds = samples_file.seconds_before if samples_file is not None else 0.0
@@ -55,7 +55,7 @@ def generate_for_evaluation(pipe, args: argparse.Namespace, num_inference_steps:
             print(f"continuing from {len(saved['images'])} images in {samples_file.path}", file=sys.stderr)
         resume = (saved["images"], saved["generator_state"]) if saved is not None else None
         started = samples_file.start_clock() if samples_file is not None else time.perf_counter()
-        images = sampling.generate_images(pipe, args.num_samples, args.batch_size, num_inference_steps, args.seed,
+        images = generate.generate_images(pipe, args.num_samples, args.batch_size, num_inference_steps, args.seed,
                                           resume=resume, on_batch=_naming_the_file(samples_file))
         seconds += time.perf_counter() - started
         generated = args.num_samples
@@ -107,9 +107,9 @@ def _naming_the_file(samples_file):
 
 def run(args: argparse.Namespace) -> int:
     """Generate (or take real training) images, score them against the test set, print and save the report."""
-    from ddpm_fashion import sampling
-    from ddpm_fashion.evaluate import Evaluator, format_report, real_training_images
-    from ddpm_fashion.saved_pipeline import load_pipeline, resolve_device, sampler_settings
+    from ddpm_fashion.sampling import generate
+    from ddpm_fashion.evaluation.sample_quality import Evaluator, format_report, real_training_images
+    from ddpm_fashion.sampling.saved_pipeline import load_pipeline, resolve_device, sampler_settings
 
     generated = args.model != REAL_TRAIN
     model = args.model if generated else None
@@ -127,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
     samples_file = None
     if generated:
         pipe = load_pipeline(args.model, scheduler=args.scheduler, device=device)
-        steps = sampling.inference_steps(pipe, args.scheduler, args.num_inference_steps)
-        sampling.check_sampling_memory(pipe, min(args.batch_size, args.num_samples), args.num_samples,
+        steps = generate.inference_steps(pipe, args.scheduler, args.num_inference_steps)
+        generate.check_sampling_memory(pipe, min(args.batch_size, args.num_samples), args.num_samples,
                                        "--batch_size", "--num_samples", IMAGE_COPIES)
         protocol.update(**sampler_settings(args.scheduler, pipe.scheduler), num_inference_steps=steps)
         samples_file = open_samples_file(args, pipe, steps, device) if args.samples_file else None
         if samples_file is not None:
             check_free_space([(samples_file.path, samples_file_growth(samples_file, args.num_samples, args.batch_size,
-                                                                      sampling.sample_shape(pipe)))])
+                                                                      generate.sample_shape(pipe)))])
     else:
         images = real_training_images(args.num_samples, args.seed, args.data_dir)
     # Everything that can fail fast (features, weights, reference data) is set up before minutes of sampling.

@@ -2,7 +2,7 @@
 
 import argparse
 
-from ddpm_fashion.checks import int_in_range
+from ddpm_fashion.guards.inputs import int_in_range
 from ddpm_fashion.commands.options import FIGURE_SUFFIXES, add_seed_option, check_new_output, writing
 
 # Screen (the figure is about 13 x 10 inches) to print resolution; at the top the PNG is already ~8000 px wide.
@@ -12,7 +12,7 @@ DPI_RANGE = (20, 600)
 def run(args: argparse.Namespace) -> int:
     """Draw real FashionMNIST images through the forward process, beside the alpha-bar and SNR of three schedules."""
     from ddpm_fashion.data import load_fashion_mnist
-    from ddpm_fashion.figures import forward_process_figure, one_per_class
+    from ddpm_fashion.schedulers.forward_figures import forward_process_figure, one_per_class
 
     out = check_new_output(args.out, FIGURE_SUFFIXES)
     images, labels = load_fashion_mnist(split="test", data_dir=args.data_dir)

@@ -5,10 +5,10 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from ddpm_fashion.checks import positive_int
+from ddpm_fashion.guards.inputs import positive_int
 from ddpm_fashion.commands.options import (IMAGE_SUFFIXES, add_model_options, add_scheduler_option,
                                            check_free_space, check_new_output, writing)
-from ddpm_fashion.saved_pipeline import UNET_CHOICES
+from ddpm_fashion.sampling.saved_pipeline import UNET_CHOICES
 
 # Float copies of all images held at once: the images, and their grid (three channels even for grey).
 IMAGE_COPIES = 4
@@ -35,28 +35,28 @@ def png_grid_bytes(num_images: int, image_shape, padding: int) -> int:
 
 def grid_file_bytes(out: Path, num_images: int, image_shape) -> Optional[int]:
     """Get an upper bound of the size of the grid file `out` (None where its format gives none: JPEG, WebP, ...)."""
-    from ddpm_fashion.pictures import GRID_PADDING
+    from ddpm_fashion.sampling.pictures import GRID_PADDING
 
     return png_grid_bytes(num_images, image_shape, GRID_PADDING) if out.suffix.lower() == ".png" else None
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate a grid of images, and with --gif an animation of the reverse process."""
-    from ddpm_fashion import sampling
-    from ddpm_fashion.pictures import image_grid
-    from ddpm_fashion.reverse_process_gif import ReverseProcessRecorder, save_gif
-    from ddpm_fashion.saved_pipeline import load_pipeline
+    from ddpm_fashion.sampling import generate
+    from ddpm_fashion.sampling.pictures import image_grid
+    from ddpm_fashion.sampling.reverse_process_gif import ReverseProcessRecorder, save_gif
+    from ddpm_fashion.sampling.saved_pipeline import load_pipeline
 
     out = check_new_output(args.out, IMAGE_SUFFIXES, args.model)
     gif = check_new_output(args.gif, (".gif",), args.model) if args.gif else None
     pipe = load_pipeline(args.model, scheduler=args.scheduler, unet=args.unet, device=args.device)
-    steps = sampling.inference_steps(pipe, args.scheduler, args.num_inference_steps)
-    sampling.check_sampling_memory(pipe, min(args.batch_size, args.num_images), args.num_images, "--batch_size",
+    steps = generate.inference_steps(pipe, args.scheduler, args.num_inference_steps)
+    generate.check_sampling_memory(pipe, min(args.batch_size, args.num_images), args.num_images, "--batch_size",
                                    "--num_images", IMAGE_COPIES)
-    grid_bytes = grid_file_bytes(out, args.num_images, sampling.sample_shape(pipe))
+    grid_bytes = grid_file_bytes(out, args.num_images, generate.sample_shape(pipe))
     check_free_space([(out, grid_bytes)] if grid_bytes is not None else [])
     recorder = ReverseProcessRecorder(pipe.scheduler, steps) if gif else None
-    images = sampling.generate_images(pipe, args.num_images, args.batch_size, steps, args.seed, on_step=recorder)
+    images = generate.generate_images(pipe, args.num_images, args.batch_size, steps, args.seed, on_step=recorder)
     with writing(out) as staging:
         image_grid(images).save(staging)
     print(f"wrote {len(images)} images ({args.scheduler} scheduler, {steps} steps) to {out}")

@@ -3,17 +3,17 @@
 import argparse
 import sys
 
-from ddpm_fashion.checks import positive_int
+from ddpm_fashion.guards.inputs import positive_int
 from ddpm_fashion.commands.options import add_seed_option, model_folder_entries, protected_outputs, write_error
-from ddpm_fashion.files import check_new_folder, is_disk_full
+from ddpm_fashion.guards.files import check_new_folder, is_disk_full
 
 DEFAULT_OUT = "fmnist-classifier"
 
 
 def run(args: argparse.Namespace) -> int:
     """Train the FashionMNIST classifier and save it with its training record into a new folder."""
-    from ddpm_fashion.classifier import REQUIRED_ACCURACY
-    from ddpm_fashion.classifier_training import save_classifier, train_classifier
+    from ddpm_fashion.evaluation.classifier import REQUIRED_ACCURACY
+    from ddpm_fashion.evaluation.classifier_training import save_classifier, train_classifier
 
     # Before minutes of training, not after; the folder itself appears only when the model is saved.
     check_new_folder(args.out, "--out", protected_outputs(), model_folder_entries)
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `train-classifier` subcommand."""
-    from ddpm_fashion.classifier_training import DEFAULT_EPOCHS
+    from ddpm_fashion.evaluation.classifier_training import DEFAULT_EPOCHS
 
     parser = subparsers.add_parser("train-classifier",
                                    help="train the FashionMNIST classifier behind fmnist FID features")

@@ -1,0 +1,1 @@
+"""The network: our U-Net (the architecture of diffusers' UNet2DModel), its blocks, and the configurations it builds."""

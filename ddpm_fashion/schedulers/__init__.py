@@ -1,0 +1,1 @@
+"""The diffusion process: DDPM (read beside the paper), DDIM ending early, the noise schedules and their figures."""

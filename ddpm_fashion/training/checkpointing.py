@@ -1,0 +1,155 @@
+"""A training run's state on disk: opening the run folder, and saving and loading checkpoints across processes.
+
+The trainer (train_accelerate.py) calls these; the rules they follow (marker, lock, manifests, what may be
+replaced) are ddpm_fashion/training/run_dir.py's. Every process takes part in a checkpoint (Accelerate saves each process's
+RNG state); only the main process renames, prunes and writes the files that are the same on every process.
+"""
+
+import json
+import os
+import shutil
+import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import load_file, save_file
+
+from ddpm_fashion.training import run_dir
+from ddpm_fashion.guards.inputs import one_line
+from ddpm_fashion.training.config import config_to_yaml
+from ddpm_fashion.guards.files import (FolderLock, folder_size, free_bytes, is_disk_full, match_umask, remove_stale_staging,
+                                scratch_folder, staging_path)
+
+EMA_WEIGHTS = "ema.safetensors"
+
+
+class DiskFull(OSError):
+    """The file system ran out of space while the run was saving; the message says where and how much."""
+
+
+def share_outcome(accelerator, error):
+    """Raise on every process the error (a message or None) that the main process met."""
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ValueError(error)
+
+
+def open_run_folder(accelerator, config, checkpoints_seen, damaged, overwrite=False):
+    """Main process: lock output_dir (creating it), check nothing changed since the checks, mark it as ours.
+
+    Damaged checkpoints that `latest` skipped are renamed aside (never deleted), so new ones can take their step.
+    With `overwrite` (--overwrite_output_dir) an earlier run's checkpoints are deleted, saying so: `latest` would
+    otherwise pick them over the new run's. Returns the held FolderLock (None on other processes). Until here
+    nothing in output_dir was written.
+    """
+    lock, error, output_dir = None, None, Path(config.output_dir)
+    if accelerator.is_main_process:
+        created = not output_dir.exists()
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(output_dir, f"output_dir {output_dir}").acquire()
+            if run_dir.checkpoint_dirs(output_dir) != checkpoints_seen:
+                raise ValueError(f"output_dir {output_dir} changed while this run started (another run wrote "
+                                 "checkpoints); start again")
+        except ValueError as refused:
+            error = one_line(refused)
+            if lock is not None:
+                lock.release()
+            if created:
+                shutil.rmtree(output_dir, ignore_errors=True)
+    share_outcome(accelerator, error)
+    if accelerator.is_main_process:
+        if overwrite and run_dir.replaced_by_overwrite(output_dir):
+            print(f"{run_dir.OVERWRITE_OPTION}: training a new run over {output_dir}; replacing "
+                  f"{', '.join(run_dir.replaced_by_overwrite(output_dir))}", file=sys.stderr)
+            for checkpoint in run_dir.checkpoint_dirs(output_dir):  # the pipeline stays until the new one replaces it
+                shutil.rmtree(checkpoint)
+        run_dir.mark_as_run(output_dir)
+        (output_dir / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
+        remove_stale_staging(output_dir)  # a pipeline a killed run was writing
+        remove_stale_staging(output_dir / run_dir.CHECKPOINTS)
+        for checkpoint, reason in damaged:
+            os.replace(checkpoint, run_dir.set_aside_name(checkpoint, "damaged"))
+            print(f"skipped {checkpoint} ({reason}); kept as {run_dir.set_aside_name(checkpoint, 'damaged').name}",
+                  file=sys.stderr)
+    return lock
+
+
+@contextmanager
+def writing(path, space_needed):
+    """Turn running out of disk space inside the block into DiskFull naming the path and the space needed.
+
+    A failed write counts as a full disk when its message says so, or when less than `space_needed` is free once
+    the block's partial files are gone: torch.save's "file write failed" names no cause.
+    """
+    try:
+        yield
+    except Exception as error:  # safetensors' SafetensorError is neither OSError nor RuntimeError
+        if not (is_disk_full(error) or (isinstance(error, (OSError, RuntimeError)) and free_bytes(path) < space_needed)):
+            raise
+        raise DiskFull(f"no space left on the device while writing {path}: it needs about {space_needed / 1e6:.0f} "
+                       f"MB, {free_bytes(path) / 1e6:.0f} MB are free; nothing older was removed") from None
+
+
+def checkpoint_bytes(config, model, ema):
+    """Estimate a checkpoint's size: the newest one's, or weights + two Adam moments (+ EMA) before the first."""
+    found = run_dir.checkpoint_dirs(config.output_dir)
+    if found:
+        return folder_size(found[-1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights * (3 + (ema is not None))
+
+
+def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler, progress):
+    """accelerator.save_state plus our trainer state, written under a temporary name and renamed when complete.
+
+    Every process writes its part (its RNG state) into the staging folder; the main process renames it only after
+    all have finished, then prunes old checkpoints, then all go on.
+    """
+    final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step}"
+    staging = staging_path(final)  # named by the main process's pid: every process writes into that one folder
+    if accelerator.num_processes > 1:
+        staging = Path(broadcast_object_list([str(staging)])[0])
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"the weights became non-finite at step {step}; not saving them. "
+                                 f"{run_dir.describe_checkpoints(config.output_dir)}")
+    with writing(staging, checkpoint_bytes(config, model, ema)), \
+            scratch_folder(staging) if accelerator.is_main_process else nullcontext():
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+        accelerator.save_state(str(staging), safe_serialization=True)
+        accelerator.wait_for_everyone()  # no rename while another process still writes its part
+        if accelerator.is_main_process:
+            (staging / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
+            state = {"global_step": step, "sampler": sampler.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     **progress}
+            if ema is not None:
+                save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, staging / EMA_WEIGHTS)
+                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            (staging / run_dir.TRAINER_STATE).write_text(json.dumps(state))
+            match_umask(staging)
+            run_dir.write_manifest(staging)
+            os.replace(staging, final)
+            run_dir.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path, ema, sampler, lr_scheduler):
+    """Restore model, optimizer and RNG (Accelerate) and our trainer state; returns (step, progress)."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # a readable message beats a library traceback; the manifest passed, so say what
+        raise ValueError(f"checkpoint {path} does not load into this run: {one_line(error)[:300]}") from None
+    state = json.loads((Path(path) / run_dir.TRAINER_STATE).read_text())
+    sampler.load_state_dict(state["sampler"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        shadow = load_file(Path(path) / EMA_WEIGHTS)
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        ema.to(accelerator.device)
+    step = state["global_step"]
+    # Runs from before images were counted had only full batches of the configured size.
+    images = state.get("images_seen", step * sampler.global_batch_size * accelerator.gradient_accumulation_steps)
+    return step, {"losses": state["losses"], "images_seen": images, "train_seconds": state.get("train_seconds")}
