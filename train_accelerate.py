@@ -10,34 +10,50 @@ The run folder's rules (marker, lock, manifests, what may be replaced) live in d
 import math
 import os
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, get_int_from_env
+from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ddpm_fashion.training import run_dir
-from ddpm_fashion.training.checkpointing import load_checkpoint, open_run_folder, save_checkpoint, writing
-from ddpm_fashion.guards.inputs import one_line
-from ddpm_fashion.training.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
 from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
 from ddpm_fashion.guards.files import match_umask, move_files_into, scratch_folder, staging_path
-from ddpm_fashion.training.model_card import plot_loss, write_model_card
-from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
+from ddpm_fashion.guards.inputs import one_line
+from ddpm_fashion.models.unet import UNet
 from ddpm_fashion.sampling.pictures import grid_tensor, image_grid
-from ddpm_fashion.training.resources import (check_memory, configure_threads, estimate_unet_bytes, has_fast_bf16,
-                                    is_out_of_memory)
 from ddpm_fashion.sampling.saved_pipeline import check_pipeline_dir
 from ddpm_fashion.schedulers.ddpm import DDPMScheduler
-from ddpm_fashion.models.unet import UNet
+from ddpm_fashion.training import run_dir
+from ddpm_fashion.training.checkpointing import (
+    TrainingState,
+    load_checkpoint,
+    open_run_folder,
+    save_checkpoint,
+    writing,
+)
+from ddpm_fashion.training.clock import Clock
+from ddpm_fashion.training.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
+from ddpm_fashion.training.launch import check_launcher, launched_on_cpus_only, resolve_mixed_precision
+from ddpm_fashion.training.model_card import plot_loss, write_model_card
+from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
+from ddpm_fashion.training.resources import (
+    check_memory,
+    configure_threads,
+    has_fast_bf16,
+    is_out_of_memory,
+    measure_unet_bytes,
+)
+
+# ------------------------------------------------------------------------------------------------------------
+# Models, randomness and samples
+# ------------------------------------------------------------------------------------------------------------
 
 def build_models(config):
     """The U-Net and noise scheduler; both U-Net implementations start from the same UNet2DModel weights."""
@@ -123,7 +139,7 @@ def log_samples(accelerator, images, step):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The run folder: checks before anything is written, the lock, checkpoints and the published pipeline
+# Start-up checks: they only read, and all pass before output_dir is written
 # ------------------------------------------------------------------------------------------------------------
 
 def check_resume(config, resume_path, num_processes):
@@ -147,20 +163,6 @@ def check_resume(config, resume_path, num_processes):
                          f"({'; '.join(differences)}); drop those overrides, or start a new output_dir")
 
 
-def check_launcher(num_processes):
-    """Refuse a launch that asked for several processes but started one (before any write).
-
-    `accelerate launch --num_processes N` without --multi_gpu on a machine with fewer than two GPUs runs the script
-    once; it still sets MASTER_ADDR for the N processes it did not start.
-    """
-    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
-    if launched_by_accelerate and num_processes == 1 and "WORLD_SIZE" not in os.environ:
-        raise ValueError("accelerate launch --num_processes N started 1 process here: without --multi_gpu it runs "
-                         "several only on a machine with several GPUs. Add --multi_gpu (on a CPU the N processes "
-                         "train as one gloo group; drop --cpu), use torchrun --nproc_per_node N, or pass "
-                         "--num_processes 1")
-
-
 def check_batch_sizes(config, num_images, world_size):
     """Refuse a global batch larger than the data (it would count images that were never seen)."""
     global_batch = config.train_batch_size * world_size
@@ -169,46 +171,33 @@ def check_batch_sizes(config, num_images, world_size):
                          f"more than the {num_images} training images; use at most {num_images // world_size}")
 
 
-def publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, session_seconds):
-    """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and move it into output_dir."""
-    output_dir = Path(config.output_dir)
-    with ema_weights(bare_model(accelerator, model), ema) as final_model, \
-            writing(output_dir, 2 * sum(p.numel() * p.element_size() for p in final_model.parameters())), \
-            scratch_folder(staging_path(output_dir / "pipeline")) as folder:
-        unet = final_model.to_diffusers() if isinstance(final_model, UNet) else final_model
-        pipeline = DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler.from_config(noise_scheduler.config))
-        pipeline.save_pretrained(folder, safe_serialization=True)
-        check_pipeline_dir(folder)  # diffusers only warns when a component cannot be saved: never publish half
-        samples = sample_images(config, final_model, noise_scheduler, config.eval_batch_size, config.seed)
-        image_grid(samples).save(folder / "samples.png")
-        plot_loss(folder / "loss.png", progress["losses"])
-        write_model_card(folder / "README.md", config=config, config_yaml=config_to_yaml(config),
-                         steps=len(progress["losses"]), images_seen=progress["images_seen"],
-                         losses=progress["losses"], train_seconds=progress["train_seconds"],
-                         session_seconds=session_seconds, world_size=accelerator.num_processes)
-        match_umask(folder)
-        move_files_into(folder, output_dir)  # replaces only the files it publishes
-
-
-def stop_diverged(accelerator, config, step, loss):
-    """Stop on a non-finite loss: set aside the checkpoint whose weights produced it, and say what is left."""
-    suspect = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step - 1}"
-    moved = ""
-    if accelerator.is_main_process and suspect.is_dir():
-        kept = run_dir.set_aside_name(suspect, "diverged")
-        os.replace(suspect, kept)
-        moved = f"{suspect.name}, whose weights produced it, is kept as {kept.name}; "
-    left = run_dir.describe_checkpoints(config.output_dir)
-    raise FloatingPointError(f"loss became {loss} at step {step}; {moved}{left} (with a lower --learning_rate)")
+def preflight(config, overwrite):
+    """Every start-up check that reads only; get the checkpoint to resume (or None), what `latest` skipped, and the
+    checkpoints found (open_run_folder proves none appeared meanwhile). Nothing is written before these pass."""
+    state = PartialState(cpu=launched_on_cpus_only())
+    check_launcher(state.num_processes)
+    config.mixed_precision = resolve_mixed_precision(config.mixed_precision, has_fast_bf16(state.device))
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
+    if overwrite and config.resume_from_checkpoint is not None:
+        raise ValueError(f"{run_dir.OVERWRITE_OPTION} starts a new run, --resume_from_checkpoint continues one; "
+                         "pass one of them")
+    run_dir.check_output_dir(config.output_dir, resuming=config.resume_from_checkpoint is not None,
+                             overwrite=overwrite)
+    checkpoints_seen = run_dir.checkpoint_dirs(config.output_dir)
+    resume_path, skipped = run_dir.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if resume_path is not None:
+        check_resume(config, resume_path, state.num_processes)
+    return resume_path, skipped, checkpoints_seen
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Training
+# One step, the clock, and what comes between steps
 # ------------------------------------------------------------------------------------------------------------
 
-def training_step(config, accelerator, model, optimizer, noise_scheduler, images, batch, micro_step):
+def training_step(config, accelerator, state, noise_scheduler, images, batch, micro_step):
     """One micro-step (forward, backward, clipped update under accumulation); returns the global batch's loss sum."""
-    device = accelerator.device
+    device, model = accelerator.device, state.model
     with accelerator.accumulate(model):
         noise, timesteps, flips = global_batch_randomness(config, micro_step, batch.global_size,
                                                           config.ddpm_num_steps, device)
@@ -226,50 +215,60 @@ def training_step(config, accelerator, model, optimizer, noise_scheduler, images
         accelerator.backward((weights * per_sample).sum() / batch.global_size * accelerator.num_processes)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(per_sample.detach().sum(), "sum").item()
 
 
-def launched_on_cpus_only():
-    """Whether a launcher started several processes on a machine without a GPU.
-
-    Accelerate joins such processes into one (gloo) process group only when asked for the CPU: torchrun and
-    `accelerate launch --num_processes N` without --cpu/--multi_cpu do not ask, and each process would train alone.
-    """
-    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return launched > 1 and not has_accelerator
-
-
-def resolve_mixed_precision(requested, device):
-    """Get the precision to train in: the config's; if null the launcher's, else "no"; "auto": bf16 if native."""
-    if requested is None:
-        return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # set by `accelerate launch`
-    if requested == "auto":
-        return "bf16" if has_fast_bf16(device) else "no"
-    return requested
+def periodic_work(config, accelerator, state, noise_scheduler, max_train_steps):
+    """After an optimizer step: a checkpoint and a sample grid when they are due."""
+    if state.step % config.checkpointing_steps == 0 or state.step == max_train_steps:
+        save_checkpoint(accelerator, config, state)
+    end_of_epoch = state.sampler.position == len(state.sampler)
+    sample_now = (state.step % config.save_images_steps == 0) if config.save_images_steps else (
+        end_of_epoch and (state.sampler.epoch + 1) % config.save_images_epochs == 0)
+    if sample_now and accelerator.is_main_process:
+        with ema_weights(bare_model(accelerator, state.model), state.ema) as sampling_model:
+            grid = sample_images(config, sampling_model, noise_scheduler, config.eval_batch_size, config.seed)
+        log_samples(accelerator, grid, state.step)
 
 
-def preflight(config, overwrite):
-    """Every start-up check that reads only; get the checkpoint to resume (or None), what `latest` skipped, and the
-    checkpoints found (open_run_folder proves none appeared meanwhile). Nothing is written before these pass."""
-    state = PartialState(cpu=launched_on_cpus_only())
-    check_launcher(state.num_processes)
-    config.mixed_precision = resolve_mixed_precision(config.mixed_precision, state.device)
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
-    if overwrite and config.resume_from_checkpoint is not None:
-        raise ValueError(f"{run_dir.OVERWRITE_OPTION} starts a new run, --resume_from_checkpoint continues one; "
-                         "pass one of them")
-    run_dir.check_output_dir(config.output_dir, resuming=config.resume_from_checkpoint is not None,
-                             overwrite=overwrite)
-    checkpoints_seen = run_dir.checkpoint_dirs(config.output_dir)
-    resume_path, skipped = run_dir.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    if resume_path is not None:
-        check_resume(config, resume_path, state.num_processes)
-    return resume_path, skipped, checkpoints_seen
+def stop_diverged(accelerator, config, step, loss):
+    """Stop on a non-finite loss: set aside the checkpoint whose weights produced it, and say what is left."""
+    suspect = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step - 1}"
+    moved = ""
+    if accelerator.is_main_process and suspect.is_dir():
+        kept = run_dir.set_aside_name(suspect, "diverged")
+        os.replace(suspect, kept)
+        moved = f"{suspect.name}, whose weights produced it, is kept as {kept.name}; "
+    left = run_dir.describe_checkpoints(config.output_dir)
+    raise FloatingPointError(f"loss became {loss} at step {step}; {moved}{left} (with a lower --learning_rate)")
 
+
+def publish_pipeline(accelerator, config, state, noise_scheduler, session_seconds):
+    """Write the final DDPMPipeline (EMA weights, UNet2DModel, diffusers scheduler) and move it into output_dir."""
+    output_dir, progress = Path(config.output_dir), state.progress
+    with ema_weights(bare_model(accelerator, state.model), state.ema) as final_model, \
+            writing(output_dir, 2 * sum(p.numel() * p.element_size() for p in final_model.parameters())), \
+            scratch_folder(staging_path(output_dir / "pipeline")) as folder:
+        unet = final_model.to_diffusers() if isinstance(final_model, UNet) else final_model
+        pipeline = DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler.from_config(noise_scheduler.config))
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        check_pipeline_dir(folder)  # diffusers only warns when a component cannot be saved: never publish half
+        samples = sample_images(config, final_model, noise_scheduler, config.eval_batch_size, config.seed)
+        image_grid(samples).save(folder / "samples.png")
+        plot_loss(folder / "loss.png", progress["losses"])
+        write_model_card(folder / "README.md", config=config, config_yaml=config_to_yaml(config),
+                         steps=len(progress["losses"]), images_seen=progress["images_seen"],
+                         losses=progress["losses"], train_seconds=progress["train_seconds"],
+                         session_seconds=session_seconds, world_size=accelerator.num_processes)
+        match_umask(folder)
+        move_files_into(folder, output_dir)  # replaces only the files it publishes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run, top to bottom
+# ------------------------------------------------------------------------------------------------------------
 
 def train(config, overwrite=False):
     """Check everything, then run the training loop and publish the pipeline."""
@@ -286,9 +285,9 @@ def train(config, overwrite=False):
     if config.mixed_precision == "bf16" and not has_fast_bf16(accelerator.device):
         accelerator.print(f"note: this {accelerator.device.type} has no native bf16, so mixed_precision=bf16 may train "
                           "slower than --mixed_precision no")
-    check_memory(estimate_unet_bytes(config.unet, config.train_batch_size, training=True), accelerator.device,
+    check_memory(measure_unet_bytes(model, config.train_batch_size, training=True), accelerator.device,
                  f"a training step of train_batch_size {config.train_batch_size}", "--train_batch_size")
-    check_memory(estimate_unet_bytes(config.unet, config.eval_batch_size), accelerator.device,
+    check_memory(measure_unet_bytes(model, config.eval_batch_size), accelerator.device,
                  f"a sample grid of eval_batch_size {config.eval_batch_size}", "--eval_batch_size")
     created = not Path(config.output_dir).exists()
     lock = open_run_folder(accelerator, config, checkpoints_seen, skipped, overwrite)
@@ -320,14 +319,13 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
         ema = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
                        inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
         ema.to(device)
+    state = TrainingState(model, optimizer, lr_scheduler, ema, sampler)
     if accelerator.is_main_process:
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("ddpm_fashion", config=tracker_config)
-
-    global_step, progress = 0, {"losses": [], "images_seen": 0, "train_seconds": 0.0}
     if resume_path is not None:
-        global_step, progress = load_checkpoint(accelerator, resume_path, ema, sampler, lr_scheduler)
-        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+        load_checkpoint(accelerator, resume_path, state)
+        accelerator.print(f"resumed from {resume_path} at step {state.step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print("no checkpoint found in output_dir; starting a new run")
     accelerator.print(f"training to step {max_train_steps} with {accelerator.num_processes} process(es) on "
@@ -335,72 +333,49 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
                       f"{config.mixed_precision}; output_dir {config.output_dir}")
 
     # The bar closes before any error propagates, so an error or Ctrl-C message is the last line printed.
-    with tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+    with tqdm(total=max_train_steps, initial=state.step, disable=not accelerator.is_main_process,
               desc="train", unit="step", dynamic_ncols=True) as bar:
-        start_time, start_images, step_loss, step_images = time.time(), progress["images_seen"], 0.0, 0
-        earlier_seconds = progress["train_seconds"]  # None: resumed from a checkpoint that did not record it
-        first_step = None  # (seconds, images seen) at the session's first step: torch.compile compiles during it
-        micro_step = global_step * config.gradient_accumulation_steps
+        clock, step_loss, step_images = Clock(state.progress), 0.0, 0
+        micro_step = state.step * config.gradient_accumulation_steps
         model.train()
-        while global_step < max_train_steps:
+        while state.step < max_train_steps:
             for batch in sampler:
-                step_loss += training_step(config, accelerator, model, optimizer, noise_scheduler, images, batch,
+                step_loss += training_step(config, accelerator, state, noise_scheduler, images, batch,
                                            micro_step) / batch.global_size
                 micro_step, step_images = micro_step + 1, step_images + batch.global_size
                 if not accelerator.sync_gradients:
                     continue
-                global_step += 1
+                state.step += 1
                 step_loss /= config.gradient_accumulation_steps
                 if not math.isfinite(step_loss):
-                    stop_diverged(accelerator, config, global_step, step_loss)
+                    stop_diverged(accelerator, config, state.step, step_loss)
                 lr_scheduler.step()
                 if ema is not None:
                     ema.step(model.parameters())
-                progress["losses"].append(step_loss)
-                progress["images_seen"] += step_images
-                session_seconds = time.time() - start_time
-                images_per_s = (progress["images_seen"] - start_images) / session_seconds
-                first_step = first_step or (session_seconds, progress["images_seen"])
-                if earlier_seconds is not None:  # the run's training time over every session, kept in checkpoints
-                    progress["train_seconds"] = earlier_seconds + session_seconds
+                state.progress["losses"].append(step_loss)
+                state.progress["images_seen"] += step_images
+                images_per_s = clock.tick(state.progress)
                 logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "img_per_s": images_per_s}
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
-                accelerator.log(logs, step=global_step)
+                accelerator.log(logs, step=state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_s:.0f}")
+                expected = clock.expected_duration(max_train_steps - state.step)
+                if expected and accelerator.is_main_process:
+                    bar.write(expected)
                 step_loss, step_images = 0.0, 0
-                periodic_work(config, accelerator, global_step, max_train_steps, model, noise_scheduler, ema, sampler,
-                              lr_scheduler, progress)
-                if global_step >= max_train_steps:
+                periodic_work(config, accelerator, state, noise_scheduler, max_train_steps)
+                if state.step >= max_train_steps:
                     break
 
-    wall_time = time.time() - start_time
-    if earlier_seconds is not None:
-        progress["train_seconds"] = earlier_seconds + wall_time
+    if clock.earlier_seconds is not None:
+        state.progress["train_seconds"] = clock.earlier_seconds + clock.seconds()
     if accelerator.is_main_process:
-        publish_pipeline(accelerator, config, model, noise_scheduler, ema, progress, wall_time)
+        publish_pipeline(accelerator, config, state, noise_scheduler, clock.seconds())
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    first_seconds, first_images = first_step or (wall_time, progress["images_seen"])
-    accelerator.print(f"done: {global_step} steps, {progress['images_seen']} images seen, {wall_time:.0f} s this "
-                      f"session, {(progress['images_seen'] - start_images) / max(wall_time, 1e-9):.1f} img/s "
-                      f"({(progress['images_seen'] - first_images) / max(wall_time - first_seconds, 1e-9):.1f} after "
-                      f"the first step, which took {first_seconds:.1f} s); pipeline in {config.output_dir}")
-
-
-def periodic_work(config, accelerator, global_step, max_train_steps, model, noise_scheduler, ema, sampler,
-                  lr_scheduler, progress):
-    """After an optimizer step: a checkpoint and a sample grid when they are due."""
-    if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
-        save_checkpoint(accelerator, config, global_step, model, ema, sampler, lr_scheduler, progress)
-    end_of_epoch = sampler.position == len(sampler)
-    sample_now = (global_step % config.save_images_steps == 0) if config.save_images_steps else (
-        end_of_epoch and (sampler.epoch + 1) % config.save_images_epochs == 0)
-    if sample_now and accelerator.is_main_process:
-        with ema_weights(bare_model(accelerator, model), ema) as sampling_model:
-            grid = sample_images(config, sampling_model, noise_scheduler, config.eval_batch_size, config.seed)
-        log_samples(accelerator, grid, global_step)
+    accelerator.print(clock.done_line(state.step, state.progress, config.output_dir))
 
 
 def resolve_config(argv):
@@ -409,8 +384,8 @@ def resolve_config(argv):
     if not config_given and not torch.cuda.is_available():
         config, options, _ = parse_config(argv, default_config=CPU_CONFIG)
         print(f"train_accelerate.py: no GPU found and no --config given: training configs/{CPU_CONFIG.name} (the "
-              "two-hour CPU model) instead of the 100-epoch GPU run; pass --config configs/fashion_mnist.yaml to "
-              "train that anyway", file=sys.stderr)
+              "CPU model; how long it takes here is printed once its first steps are timed) instead of the 100-epoch "
+              "GPU run; pass --config configs/fashion_mnist.yaml to train that anyway", file=sys.stderr)
     return config, options
 
 

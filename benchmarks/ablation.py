@@ -45,12 +45,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ddpm_fashion.training.config import with_new_keys_at_defaults  # noqa: E402
 from ddpm_fashion.evaluation.sample_quality import Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.guards.files import atomic_output  # noqa: E402
-from studies import continue_study  # noqa: E402
 from ddpm_fashion.sampling.generate import generate_images  # noqa: E402
 from ddpm_fashion.sampling.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
+from ddpm_fashion.training.config import with_new_keys_at_defaults  # noqa: E402
+from studies import continue_study  # noqa: E402
 
 TRAIN_IMAGES = 60_000
 # configs/cpu.yaml as the study found it (the protocol still calls it cpu.yaml); cpu.yaml now holds the winners.
@@ -64,7 +64,7 @@ BF16 = ["--mixed_precision", "bf16"]
 MIN_SNR = BF16 + ["--snr_gamma", "5"]  # the leader after the first rows: later rows stack on it
 # configs/cpu.yaml's levers, each a measured row, together (`auto` precision is bf16 on the study's CPU), on the
 # base's U-Net: attention at 8x8 in the down and up blocks, what cpu.yaml trained until the cpu-yaml-noattn row, its
-# U-Net since 2026-12-05, won at full length (README -> Results)
+# U-Net now, won at full length (docs/results.md)
 CPU_YAML = BF16 + ["--prediction_type", "v_prediction", "--snr_gamma", "5", "--timestep_sampling", "stratified",
                    "--train_batch_size", "32"]
 WIDE = ["--unet.block_out_channels", "[48, 96, 192]"]
@@ -115,8 +115,9 @@ ROWS = {
 # `accelerate launch` options of rows that change how a run is launched, not what it trains.
 LAUNCH_OPTIONS = {"bf16-v-minsnr5-inductor": ["--dynamo_backend", "inductor"]}
 # The trainer's last line; older runs lack the part after the first step.
-DONE_LINE = re.compile(r"done: \d+ steps, \d+ images seen, (?P<seconds>\d+) s this session, (?P<img_per_s>[\d.]+) img/s"
-                       r"(?: \((?P<after_first_step>[\d.]+) after the first step, which took (?P<first_step>[\d.]+) s\))?")
+DONE_LINE = re.compile(r"done: \d+ steps, \d+ images seen, (?P<seconds>\d+) s this session, (?P<img_per_s>[\d.]+) "
+                       r"img/s(?: \((?P<after_first_step>[\d.]+) after the first step, which took "
+                       r"(?P<first_step>[\d.]+) s\))?")
 # An equal-time study (--equal_time_to) times each row alone with a run this many steps long.
 TIMING_STEPS = 300
 DEFAULT_ROWS = ("bf16", "fp32", "bf16-minsnr5", "bf16-v-minsnr5", "minsnr5-lr1e-3", "minsnr5-batch32",
@@ -247,7 +248,8 @@ def markdown_table(study: dict) -> str:
                  f"{study['rows']['real-train']['class_kl']:.3f} | |")
     timed = {name: run for name, run in study.get("speed", {}).items() if "first_step_seconds" in run}
     if timed:  # the short timing runs (--speed_steps): the first step apart, as torch.compile compiles in it
-        lines += ["", "| row (timing run) | what changed | steps | img/s | img/s after the first step | first step (s) |",
+        lines += ["",
+                  "| row (timing run) | what changed | steps | img/s | img/s after the first step | first step (s) |",
                   "|---|---|---:|---:|---:|---:|"]
         lines += [f"| `{name}` | {ROWS[name][0]} | {run['steps']} | {run['img_per_s']:.1f} | "
                   f"{run['img_per_s_after_first_step']:.1f} | {run['first_step_seconds']:.1f} |"

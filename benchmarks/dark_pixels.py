@@ -25,13 +25,15 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddpm_fashion.data import load_fashion_mnist  # noqa: E402
+from ddpm_fashion.data import (
+    load_fashion_mnist,  # noqa: E402
+    to_model_input,  # noqa: E402
+)
+from ddpm_fashion.evaluation.metrics import pixel_shares  # noqa: E402
 from ddpm_fashion.evaluation.sample_quality import Evaluator, real_training_images  # noqa: E402
 from ddpm_fashion.guards.files import atomic_output, check_output_path  # noqa: E402
-from ddpm_fashion.evaluation.metrics import pixel_shares  # noqa: E402
-from ddpm_fashion.sampling.pictures import to_uint8_images  # noqa: E402
-from ddpm_fashion.data import to_model_input  # noqa: E402
 from ddpm_fashion.sampling.generate import generate_images, inference_steps, predicted_original  # noqa: E402
+from ddpm_fashion.sampling.pictures import to_uint8_images  # noqa: E402
 from ddpm_fashion.sampling.saved_pipeline import SCHEDULER_CHOICES, load_pipeline  # noqa: E402
 
 THRESHOLDS = (0, 1, 2, 4, 8)  # k: pixels <= k/255 become 0; 0 is the images as they are
@@ -61,7 +63,7 @@ def rows_for(name: str, images: torch.Tensor, evaluator: Evaluator) -> list:
 
 @torch.no_grad()
 def low_noise_errors(pipe, test_images: torch.Tensor, seed: int) -> list:
-    """Get the RMS error of the U-Net's x_0_hat on noised test images at each of LOW_TIMESTEPS (model units, [-1, 1])."""
+    """Get the RMS error of the U-Net's x_0_hat on noised test images at each of LOW_TIMESTEPS (model units)."""
     clean = to_model_input(test_images[:ACCURACY_IMAGES])  # [B, 1, 32, 32]
     background = clean == -1
     generator = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ For every (setting, steps) pair it samples N images from a saved DDPMPipeline wi
 from the pipeline's own (DDPM) scheduler config plus the setting's overrides, exactly as
 `DDIMScheduler.from_config(config, **overrides)`, and scores them with the project's Evaluator (FID, precision,
 recall, class histogram and its KL from uniform against the FashionMNIST test set, `fmnist` features by default).
-Sampling is ddpm_fashion.sampling.generate.generate_images, so batching and seeding are those of `ddpm-fashion evaluate`:
+Sampling is ddpm_fashion.sampling.generate.generate_images: batching and seeding are those of `ddpm-fashion evaluate`:
 the `inherited` row at S steps is `ddpm-fashion evaluate --model M --scheduler ddim-from-config
 --num_inference_steps S` with the same --num_samples, --batch_size and --seed. Every row starts from the same
 initial noise x_T (one generator seeded with --seed; deterministic samplers draw nothing else, and eta > 0 draws its
@@ -41,16 +41,16 @@ import torch
 from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddpm_fashion.schedulers.ddim import FINAL_TIMESTEP, EndingDDIMScheduler  # noqa: E402
-from ddpm_fashion.evaluation.sample_quality import REAL_TRAIN, Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.evaluation.features import FEATURE_CHOICES  # noqa: E402
-from ddpm_fashion.guards.files import atomic_output  # noqa: E402
-from studies import continue_study  # noqa: E402
 from ddpm_fashion.evaluation.metrics import pixel_shares  # noqa: E402
+from ddpm_fashion.evaluation.sample_quality import REAL_TRAIN, Evaluator, machine_description, real_training_images  # noqa: E402
+from ddpm_fashion.guards.files import atomic_output  # noqa: E402
+from ddpm_fashion.sampling.generate import generate_images, predicted_original  # noqa: E402
 from ddpm_fashion.sampling.pictures import to_uint8_images  # noqa: E402
 from ddpm_fashion.sampling.samples_file import pipeline_fingerprint  # noqa: E402
-from ddpm_fashion.sampling.generate import generate_images, predicted_original  # noqa: E402
 from ddpm_fashion.sampling.saved_pipeline import build_scheduler, load_pipeline  # noqa: E402
+from ddpm_fashion.schedulers.ddim import FINAL_TIMESTEP, EndingDDIMScheduler  # noqa: E402
+from studies import continue_study  # noqa: E402
 
 # Presets. `inherited` is what DDIMScheduler.from_config(pipe.scheduler.config) gives for a DDPM config:
 # clip_sample=True (the DDPM config's), timestep_spacing="leading", set_alpha_to_one=True, steps_offset=0, eta 0.

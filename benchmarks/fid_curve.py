@@ -37,14 +37,14 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ddpm_fashion.training.checkpointing import EMA_WEIGHTS  # noqa: E402
 from ddpm_fashion.evaluation.sample_quality import Evaluator, machine_description, real_training_images  # noqa: E402
 from ddpm_fashion.guards.files import atomic_output, check_output_path, read_json_object  # noqa: E402
-from studies import check_same_protocol  # noqa: E402
-from ddpm_fashion.training.run_dir import TRAINER_STATE  # noqa: E402
+from ddpm_fashion.models.unet import load_strict  # noqa: E402
 from ddpm_fashion.sampling.generate import generate_images, inference_steps  # noqa: E402
 from ddpm_fashion.sampling.saved_pipeline import SCHEDULER_CHOICES, build_scheduler, load_pipeline  # noqa: E402
-from ddpm_fashion.models.unet import load_strict  # noqa: E402
+from ddpm_fashion.training.checkpointing import EMA_WEIGHTS  # noqa: E402
+from ddpm_fashion.training.run_dir import TRAINER_STATE  # noqa: E402
+from studies import check_same_protocol  # noqa: E402
 
 RAW_WEIGHTS = "model.safetensors"  # accelerate.save_state's file for the (only) prepared model
 TRAIN_CONFIG = "train_config.yaml"

@@ -51,7 +51,8 @@ def main():
     evaluator = Evaluator(data_dir=args.data_dir)
     images = real_training_images(args.num_samples, args.seed, args.data_dir).float() / 255
     rows, floor = [], None
-    print(f"N = {args.num_samples} real training images (seed {args.seed}) vs the {len(evaluator.reference)} test images")
+    print(f"N = {args.num_samples} real training images (seed {args.seed}) vs the {len(evaluator.reference)} test "
+          "images")
     print(f"{'images':34} {'FID':>8} {'x floor':>8} {'precision':>9} {'recall':>7} {'class KL':>9}")
     for name, variant in degradations(images, args.seed).items():
         report = evaluator.evaluate(variant)

@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py [--steps 30] [--rounds 2] [--batch_size 64] [--launcher python|accelerate]
         [--mixed_precision no|bf16]
 
-Both sides train the same UNet2DModel config (the issue's reference: (32, 64, 128), one resnet per level,
+Both sides train the same UNet2DModel config (the speed-reference U-Net: (32, 64, 128), one resnet per level,
 attention at 16x16, GroupNorm 8 groups, 1 channel) at the same batch size and precision (fp32, or both under
 Accelerate's bf16 autocast with --mixed_precision bf16), in one process, alternating
 rounds so machine noise hits both. The reference is train_unconditional.py's loop: a DataLoader over the
@@ -110,7 +110,7 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the reference (and of ours in-process)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the reference (and ours in-process)")
     parser.add_argument("--launcher", choices=("python", "accelerate"), default="python",
                         help="run ours in this process, or through `accelerate launch` as the README does")
     parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no",

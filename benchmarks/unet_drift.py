@@ -5,8 +5,8 @@
 Prints max |difference| of one forward at t = 999, 500, 50 on the same noise for: our UNet (as shipped: channels-last,
 with the fused transposed-convolution upsampler); our UNet with the upsampler computed as nearest x2 + 3x3
 convolution; our UNet in reference mode (`reference_mode = True`, what `compare` proves equality with: bitwise 0
-is expected); UNet2DModel converted to channels-last. If the last matches the first, the differences come from the memory layout of the
-convolutions, not from our arithmetic. Sampling over 1000 steps accumulates these.
+is expected); UNet2DModel converted to channels-last. If the last matches the first, the differences come from the
+memory layout of the convolutions, not from our arithmetic. Sampling over 1000 steps accumulates these.
 """
 
 import argparse

@@ -3,7 +3,7 @@
     python benchmarks/unet_speed.py [--config configs/cpu.yaml] [--rounds 9] [--batch_size 64] [--threads 2]
                                     [--device cpu|cuda] [--precision fp32|bf16] [--compile]
 
-Always measures the issue's configuration ((32, 64, 128), one resnet per level, attention at 16x16, GroupNorm 8
+Always measures the speed-reference U-Net ((32, 64, 128), one resnet per level, attention at 16x16, GroupNorm 8
 groups, 32x32x1); --config adds the `unet:` mapping of a training YAML. For each: a training step (forward,
 MSE, backward, AdamW step) with each AdamW implementation (torch's default, on CPU a per-tensor loop; foreach;
 fused: the optimizer is the trainer's choice), and an inference forward under torch.inference_mode. Rounds
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ddpm_fashion.models.unet import UNet  # noqa: E402
 
-ISSUE_UNET = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64, 128],
+SPEED_REFERENCE_UNET = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64, 128],
               "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
               "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8}
 # torch's default AdamW on CPU tensors is the per-tensor loop; foreach and fused are the faster implementations.
@@ -143,7 +143,7 @@ def measure_speed(config, args, device):
 
     for task, run in tasks.items():  # warm-up; with --compile this is where compilation happens
         for name in networks:
-            elapsed, _ = seconds(lambda: run(name), device)
+            elapsed, _ = seconds(lambda: run(name), device)  # noqa: B023 (called at once, inside the loop)
             if args.compile:
                 print(f"  first call (compiles), {task}, {name}: {elapsed:.1f} s")
     samples = {(task, name, clock): [] for task in tasks for name in networks for clock in ("wall", "cpu")}
@@ -151,7 +151,7 @@ def measure_speed(config, args, device):
         order = list(networks) if round_index % 2 == 0 else list(reversed(networks))
         for task, run in tasks.items():
             for name in order:
-                wall, cpu = seconds(lambda: run(name), device)
+                wall, cpu = seconds(lambda: run(name), device)  # noqa: B023 (called at once, inside the loop)
                 samples[task, name, "wall"].append(args.batch_size / wall)
                 samples[task, name, "cpu"].append(args.batch_size / cpu)
     return {key: statistics.median(values) for key, values in samples.items()}, list(tasks)
@@ -263,7 +263,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    report("issue configuration", ISSUE_UNET, args, device)
+    report("speed-reference U-Net", SPEED_REFERENCE_UNET, args, device)
     for path in args.config:
         report(path, unet_config_from_yaml(path), args, device)
 

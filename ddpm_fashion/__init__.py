@@ -1,9 +1,16 @@
 """ddpm_fashion: a readable DDPM for FashionMNIST with its own scheduler and U-Net, proven equal to diffusers'."""
 
-from .data import CLASS_NAMES, ShardedBatchSampler, crop_to_28, fashion_mnist_dataset, load_fashion_mnist, to_model_input
+from .data import (
+    CLASS_NAMES,
+    ShardedBatchSampler,
+    crop_to_28,
+    fashion_mnist_dataset,
+    load_fashion_mnist,
+    to_model_input,
+)
+from .models.unet import UNet
 from .schedulers.ddim import EndingDDIMScheduler
 from .schedulers.ddpm import DDPMScheduler, DDPMSchedulerOutput
-from .models.unet import UNet
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,9 +12,9 @@ import re
 import sys
 from typing import List, Optional
 
-from ddpm_fashion.guards.inputs import one_line
 from ddpm_fashion.commands import COMMANDS
 from ddpm_fashion.commands.options import PROG
+from ddpm_fashion.guards.inputs import one_line
 from ddpm_fashion.training.resources import is_out_of_memory
 
 

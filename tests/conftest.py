@@ -56,7 +56,8 @@ def one_thread():
 def real_data_dir():
     """The Debian package's FashionMNIST folder, or a skip that says how to get it."""
     if not os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
-        pytest.skip(f"real FashionMNIST absent: apt-get install dataset-fashion-mnist puts it in {FASHION_MNIST_DEBIAN_DIR}")
+        pytest.skip("real FashionMNIST absent: apt-get install dataset-fashion-mnist puts it in "
+                    f"{FASHION_MNIST_DEBIAN_DIR}")
     return FASHION_MNIST_DEBIAN_DIR
 
 
@@ -194,3 +195,107 @@ def run_copy(smoke_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(smoke_run[0], copy)
     return copy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `ddpm-fashion` CLI, run in this process on a tiny random pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZE = 16  # tiny images keep every U-Net forward in the millisecond range
+BIG_SEED = "99999999999999999999"  # more than any seed torch takes
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved DDPMPipeline with a small random UNet2DModel (one attention level) and the 1000-step schedule."""
+    from diffusers import DDPMPipeline, UNet2DModel
+    from diffusers import DDPMScheduler as LibraryDDPMScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=SIZE,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return str(folder)
+
+
+def run_cli(argv, capsys):
+    """Run the CLI in-process; get (exit code, stdout, stderr)."""
+    from ddpm_fashion.cli import main
+
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def copy_model(model_dir, tmp_path, name="model"):
+    """A private copy of the tiny pipeline, so a case that damages it cannot damage the others."""
+    folder = tmp_path / name
+    shutil.copytree(model_dir, folder)
+    return folder
+
+
+def snapshot(folder):
+    """Every file under a folder with its bytes."""
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample quality: an Evaluator against the real test set, and a tiny random 32x32 pipeline whose images it scores
+# ---------------------------------------------------------------------------------------------------------------
+
+NUM_IMAGES = 1000  # enough for stable FID ranks of a 128-d feature, few enough to stay fast
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory):
+    """One cache folder for the whole module, so the test set's features are computed once."""
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+@pytest.fixture(scope="module")
+def built_evaluators():
+    """Evaluators built so far in this module: building one extracts the features of the whole test set."""
+    return {}
+
+
+@pytest.fixture
+def evaluator(real_data_dir, reference_cache, built_evaluators):
+    """An fmnist Evaluator against the real test set, built once per module."""
+    from ddpm_fashion.evaluation import sample_quality
+
+    if real_data_dir not in built_evaluators:
+        built_evaluators[real_data_dir] = sample_quality.Evaluator(data_dir=real_data_dir, cache=reference_cache)
+    return built_evaluators[real_data_dir]
+
+
+@pytest.fixture
+def real_images(real_data_dir):
+    """NUM_IMAGES real training images as floats [N, 1, 28, 28] in [0, 1], as a generator would return them."""
+    from ddpm_fashion.evaluation import sample_quality
+
+    return sample_quality.real_training_images(NUM_IMAGES, seed=1, data_dir=real_data_dir).float() / 255
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A saved DDPMPipeline with a tiny random 32x32 U-Net: its images are noise, but they go the generated path."""
+    from diffusers import DDPMPipeline, UNet2DModel
+    from diffusers import DDPMScheduler as LibraryDDPMScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path_factory.mktemp("tiny-pipeline")
+    DDPMPipeline(unet=unet, scheduler=LibraryDDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder

@@ -8,14 +8,21 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from conftest import write_idx, write_synthetic_fashion_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import write_idx, write_synthetic_fashion_mnist
 from ddpm_fashion import data
-from ddpm_fashion.data import (CLASS_NAMES, ShardBatch, ShardedBatchSampler, crop_to_28, fashion_mnist_dataset,
-                               load_fashion_mnist, to_model_input)
+from ddpm_fashion.data import (
+    CLASS_NAMES,
+    ShardBatch,
+    ShardedBatchSampler,
+    crop_to_28,
+    fashion_mnist_dataset,
+    load_fashion_mnist,
+    to_model_input,
+)
 
 THREE_WAYS = ("apt-get install dataset-fashion-mnist", "--data_dir", data.HUB_DATASET_ID)
 

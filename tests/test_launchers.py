@@ -1,6 +1,7 @@
 """The README's launchers exactly as typed, on a machine without a GPU and with no extra variable: each trains with the
 processes it asked for, or is refused up front in one line; and a run resumes across process counts."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,30 +74,48 @@ def torchrun(processes, port):
     return (str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(port))
 
 
-def launch(processes, port):
-    """The launcher for a run of `processes` processes (plain python for one)."""
-    return (sys.executable,) if processes == 1 else torchrun(processes, port)
+GLOBAL_BATCH = 12
+RESUME_COMMON = ("--checkpointing_steps", 3, "--save_images_steps", 100, "--lr_scheduler", "constant")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, train_data_dir):
+    """Six steps of one process with the global batch: what every split run must reproduce."""
+    folder = tmp_path_factory.mktemp("straight") / "run"
+    train_in_process(folder, train_data_dir, *RESUME_COMMON, "--max_train_steps", 6, "--train_batch_size", GLOBAL_BATCH)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_half_one_process(tmp_path_factory, train_data_dir):
+    """The first three of those steps, by one process (`python train_accelerate.py`, run in this process)."""
+    folder = tmp_path_factory.mktemp("half") / "run"
+    train_in_process(folder, train_data_dir, *RESUME_COMMON, "--max_train_steps", 3, "--train_batch_size", GLOBAL_BATCH)
+    return folder
 
 
 @pytest.mark.parametrize("before, after", [(1, 2), (1, 3), (2, 1)])
-def test_a_run_resumed_with_another_process_count_continues_as_the_straight_run(tmp_path, train_data_dir, before,
-                                                                                after):
-    global_batch = 12
-    common = ("--checkpointing_steps", 3, "--save_images_steps", 100, "--lr_scheduler", "constant")
-    train_in_process(tmp_path / "straight", train_data_dir, *common, "--max_train_steps", 6,
-                     "--train_batch_size", global_batch)
-    run_training(tmp_path / "split", train_data_dir, *common, "--max_train_steps", 3,
-                 "--train_batch_size", global_batch // before, launcher=launch(before, 29540 + after))
-    result = run_training(tmp_path / "split", train_data_dir, *common, "--max_train_steps", 6,
-                          "--train_batch_size", global_batch // after, "--resume_from_checkpoint", "latest",
-                          launcher=launch(after, 29550 + after))
-    assert processes_trained(result) == after
-    assert trainer_state(tmp_path / "split", 6)["losses"] == pytest.approx(
-        trainer_state(tmp_path / "straight", 6)["losses"], rel=1e-5)
-    straight, _ = checkpoint_tensors(tmp_path / "straight", 6)
-    split, _ = checkpoint_tensors(tmp_path / "split", 6)
+def test_a_run_resumed_with_another_process_count_continues_as_the_straight_run(tmp_path, train_data_dir, straight_run,
+                                                                                first_half_one_process, before, after):
+    split = tmp_path / "split"
+    if before == 1:
+        shutil.copytree(first_half_one_process, split)
+    else:
+        run_training(split, train_data_dir, *RESUME_COMMON, "--max_train_steps", 3,
+                     "--train_batch_size", GLOBAL_BATCH // before, launcher=torchrun(before, 29540 + after))
+    rest = (*RESUME_COMMON, "--max_train_steps", 6, "--train_batch_size", GLOBAL_BATCH // after,
+            "--resume_from_checkpoint", "latest")
+    if after == 1:
+        train_in_process(split, train_data_dir, *rest)
+    else:
+        assert processes_trained(run_training(split, train_data_dir, *rest,
+                                              launcher=torchrun(after, 29550 + after))) == after
+    assert trainer_state(split, 6)["sampler"]["world_size"] == after
+    assert trainer_state(split, 6)["losses"] == pytest.approx(trainer_state(straight_run, 6)["losses"], rel=1e-5)
+    straight, _ = checkpoint_tensors(straight_run, 6)
+    resumed, _ = checkpoint_tensors(split, 6)
     for key in straight:  # as in the 2-vs-1-process test: float rounding, measured against an update's size
-        torch.testing.assert_close(split[key], straight[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_resuming_with_another_global_batch_is_refused_naming_both_process_counts(run_copy, train_data_dir):

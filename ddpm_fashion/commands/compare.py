@@ -4,13 +4,19 @@ import argparse
 import json
 import sys
 
-from ddpm_fashion.guards.inputs import positive_int
 from ddpm_fashion.commands.options import IMAGE_SUFFIXES, PROG, add_model_options, check_new_output, writing
+from ddpm_fashion.guards.inputs import positive_int
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample with the own/library U-Net x scheduler pairs; print, and optionally save, the comparison."""
-    from ddpm_fashion.sampling.own_vs_library import comparison_picture, format_table, mismatched_runs, run_comparison, run_label
+    from ddpm_fashion.sampling.own_vs_library import (
+        comparison_picture,
+        format_table,
+        mismatched_runs,
+        run_comparison,
+        run_label,
+    )
 
     report_path = check_new_output(args.json, (".json",), args.model) if args.json else None
     out = check_new_output(args.out, IMAGE_SUFFIXES, args.model) if args.out else None

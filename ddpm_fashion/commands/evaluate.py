@@ -11,13 +11,21 @@ from typing import Optional
 
 import torch
 
-from ddpm_fashion.guards.inputs import positive_int
-from ddpm_fashion.commands.options import (add_device_option, add_scheduler_option, add_seed_option, check_new_output,
-                                           check_free_space, model_folder_entries, protected_outputs, write_error,
-                                           writing)
-from ddpm_fashion.evaluation.sample_quality import DEFAULT_NUM_SAMPLES, MIN_SAMPLES, REAL_TRAIN
+from ddpm_fashion.commands.options import (
+    add_device_option,
+    add_scheduler_option,
+    add_seed_option,
+    check_free_space,
+    check_new_output,
+    model_folder_entries,
+    protected_outputs,
+    write_error,
+    writing,
+)
 from ddpm_fashion.evaluation.features import DEFAULT_BATCH_SIZE, FEATURE_CHOICES, INCEPTION_FILE
+from ddpm_fashion.evaluation.sample_quality import DEFAULT_NUM_SAMPLES, MIN_SAMPLES, REAL_TRAIN
 from ddpm_fashion.guards.files import check_output_path, is_disk_full
+from ddpm_fashion.guards.inputs import positive_int
 
 # Float copies of all generated images held at once: the images, and the concatenation handed to the samples file.
 IMAGE_COPIES = 2
@@ -42,8 +50,8 @@ def open_samples_file(args: argparse.Namespace, pipe, num_inference_steps: int, 
 def generate_for_evaluation(pipe, args: argparse.Namespace, num_inference_steps: int, device: torch.device,
                             samples_file=None):
     """Get generated images [N, 1, H, W] and the timing fields of the report, continuing samples_file if given."""
-    from ddpm_fashion.sampling import generate
     from ddpm_fashion.evaluation.sample_quality import machine_description
+    from ddpm_fashion.sampling import generate
 
     saved = samples_file.saved if samples_file is not None else None
     seconds = samples_file.seconds_before if samples_file is not None else 0.0
@@ -107,8 +115,8 @@ def _naming_the_file(samples_file):
 
 def run(args: argparse.Namespace) -> int:
     """Generate (or take real training) images, score them against the test set, print and save the report."""
-    from ddpm_fashion.sampling import generate
     from ddpm_fashion.evaluation.sample_quality import Evaluator, format_report, real_training_images
+    from ddpm_fashion.sampling import generate
     from ddpm_fashion.sampling.saved_pipeline import load_pipeline, resolve_device, sampler_settings
 
     generated = args.model != REAL_TRAIN

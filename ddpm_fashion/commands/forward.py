@@ -2,8 +2,8 @@
 
 import argparse
 
-from ddpm_fashion.guards.inputs import int_in_range
 from ddpm_fashion.commands.options import FIGURE_SUFFIXES, add_seed_option, check_new_output, writing
+from ddpm_fashion.guards.inputs import int_arg
 
 # Screen (the figure is about 13 x 10 inches) to print resolution; at the top the PNG is already ~8000 px wide.
 DPI_RANGE = (20, 600)
@@ -31,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="figure file (png, pdf, svg, jpg); a new file: an existing one is never replaced")
     parser.add_argument("--data_dir", default=None, help="folder with the FashionMNIST IDX .gz files")
     add_seed_option(parser, "seed of the noise")
-    parser.add_argument("--dpi", type=int_in_range(*DPI_RANGE), default=120,
+    parser.add_argument("--dpi", type=int_arg(*DPI_RANGE), default=120,
                         help=f"resolution, {DPI_RANGE[0]} to {DPI_RANGE[1]}")
     parser.set_defaults(func=run, memory_option="--dpi")
     return parser

@@ -12,13 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Tuple
 
-from ddpm_fashion.guards.inputs import one_line, seed
 from ddpm_fashion.evaluation.classifier import SHIPPED_WEIGHTS
-from ddpm_fashion.schedulers.ddim import FINAL_TIMESTEP
 from ddpm_fashion.guards.files import atomic_output, check_output_path, free_bytes, is_disk_full
+from ddpm_fashion.guards.inputs import one_line, seed
+from ddpm_fashion.sampling.saved_pipeline import DEVICE_CHOICES, SCHEDULER_CHOICES
+from ddpm_fashion.schedulers.ddim import FINAL_TIMESTEP
 from ddpm_fashion.training.resources import format_bytes
 from ddpm_fashion.training.run_dir import protected_entries
-from ddpm_fashion.sampling.saved_pipeline import DEVICE_CHOICES, SCHEDULER_CHOICES
 
 PROG = "ddpm-fashion"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

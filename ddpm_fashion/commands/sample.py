@@ -5,9 +5,15 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from ddpm_fashion.commands.options import (
+    IMAGE_SUFFIXES,
+    add_model_options,
+    add_scheduler_option,
+    check_free_space,
+    check_new_output,
+    writing,
+)
 from ddpm_fashion.guards.inputs import positive_int
-from ddpm_fashion.commands.options import (IMAGE_SUFFIXES, add_model_options, add_scheduler_option,
-                                           check_free_space, check_new_output, writing)
 from ddpm_fashion.sampling.saved_pipeline import UNET_CHOICES
 
 # Float copies of all images held at once: the images, and their grid (three channels even for grey).

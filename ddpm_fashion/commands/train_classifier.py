@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from ddpm_fashion.guards.inputs import positive_int
 from ddpm_fashion.commands.options import add_seed_option, model_folder_entries, protected_outputs, write_error
 from ddpm_fashion.guards.files import check_new_folder, is_disk_full
+from ddpm_fashion.guards.inputs import positive_int
 
 DEFAULT_OUT = "fmnist-classifier"
 

@@ -1,1 +1,2 @@
-"""Sample quality offline: FID, precision/recall and class balance on features of a FashionMNIST classifier or InceptionV3."""
+"""Sample quality offline: FID, precision/recall and class balance, on a FashionMNIST classifier's or InceptionV3's
+features."""

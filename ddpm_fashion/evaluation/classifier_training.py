@@ -1,4 +1,4 @@
-"""Training the FashionMNIST classifier (ddpm_fashion/evaluation/classifier.py) and saving it with a record of the run."""
+"""Training the FashionMNIST classifier (evaluation/classifier.py) and saving it with a record of the run."""
 
 import json
 import os
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, PreTrainedModel, get_cosine_schedule_with_warmup
 
-from ddpm_fashion.guards.inputs import check_positive_int, check_seed
-from ddpm_fashion.evaluation.classifier import METADATA_FILE, accuracy, classifier_config, describe, to_pixel_values
 from ddpm_fashion.data import IMAGE_SIZE, load_fashion_mnist
+from ddpm_fashion.evaluation.classifier import METADATA_FILE, accuracy, classifier_config, describe, to_pixel_values
 from ddpm_fashion.guards.files import staged_dir
+from ddpm_fashion.guards.inputs import MAX_SEED, check_int
 
 DEFAULT_EPOCHS = 20
 BATCH_SIZE = 128
@@ -53,8 +53,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def train_classifier(epochs: int = DEFAULT_EPOCHS, data_dir: Optional[str] = None, seed: int = 0,
                      progress: bool = True) -> Tuple[PreTrainedModel, dict]:
     """Train the classifier on the FashionMNIST train split; get it (eval mode) and a record of the run."""
-    check_positive_int("epochs", epochs)
-    check_seed("seed", seed)
+    check_int("epochs", epochs)
+    check_int("seed", seed, 0, MAX_SEED)
     train_images, train_labels = load_fashion_mnist("train", data_dir)
     test_images, test_labels = load_fashion_mnist("test", data_dir)
     check_trainable(len(train_images))

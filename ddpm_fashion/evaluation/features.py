@@ -1,9 +1,9 @@
 """Feature extractors for FID and precision/recall: modules mapping uint8 [N, 1, 28, 28] images to float [N, D].
 
 `fmnist` (default, offline) are the pooled penultimate activations of the shipped FashionMNIST classifier
-(ddpm_fashion/evaluation/classifier.py); `inception` are torchmetrics' standard 2048-d InceptionV3 pool features of the grey
-image repeated to three channels, resized to 299x299 with torchmetrics' default antialias. Each extractor carries a
-cache key (what its features depend on) and a description for reports.
+(ddpm_fashion/evaluation/classifier.py); `inception` are torchmetrics' standard 2048-d InceptionV3 pool features of
+the grey image repeated to three channels, resized to 299x299 with torchmetrics' default antialias. Each extractor
+carries a cache key (what its features depend on) and a description for reports.
 """
 
 import importlib.util
@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from ddpm_fashion.guards.inputs import one_line, require_choice
-from ddpm_fashion.evaluation.classifier import WEIGHTS_DIR, WEIGHTS_FILE, features_and_logits, load_classifier
 from ddpm_fashion.data import _hub_is_offline
+from ddpm_fashion.evaluation.classifier import WEIGHTS_DIR, WEIGHTS_FILE, features_and_logits, load_classifier
 from ddpm_fashion.guards.files import sha256_of_file
+from ddpm_fashion.guards.inputs import one_line, require_choice
 
 FEATURE_CHOICES = ("fmnist", "inception")
 DEFAULT_BATCH_SIZE = 256

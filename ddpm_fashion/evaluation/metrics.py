@@ -2,8 +2,8 @@
 
 - FID: torchmetrics' FrechetInceptionDistance over precomputed features.
 - Precision and recall: Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing Generative
-  Models" (k = 3), computed in ddpm_fashion/evaluation/precision_recall.py (own k-NN code, so no library release can swap
-  the arguments' meaning).
+  Models" (k = 3), computed in ddpm_fashion/evaluation/precision_recall.py (own k-NN code, so no library release
+  can swap the arguments' meaning).
 - Class balance: KL divergence of the classifier's class histogram from uniform, in nats.
 - Background: the share of black and near-black pixels (FashionMNIST's background is exactly black).
 """

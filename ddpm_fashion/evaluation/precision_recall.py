@@ -11,7 +11,7 @@ its two arguments is the real set: swapped arguments swap the two numbers withou
 
 import torch
 
-from ddpm_fashion.guards.inputs import check_positive_int
+from ddpm_fashion.guards.inputs import check_int
 
 # Rows and columns of the distance matrix held at once: a 2000 x 2000 float64 block is 32 MB, whatever N and M are.
 DISTANCE_CHUNK = 2000
@@ -19,8 +19,8 @@ DISTANCE_CHUNK = 2000
 
 def precision_recall(generated: torch.Tensor, reference: torch.Tensor, k: int = 3, chunk: int = DISTANCE_CHUNK) -> dict:
     """Get k-NN precision and recall {"precision", "recall"} of generated features [N, D] against reference [M, D]."""
-    check_positive_int("k", k)
-    check_positive_int("chunk", chunk)
+    check_int("k", k)
+    check_int("chunk", chunk)
     generated, reference = _checked_features("generated", generated, k), _checked_features("reference", reference, k)
     if generated.shape[1] != reference.shape[1]:
         raise ValueError(f"generated and reference features must have the same dimension, got "

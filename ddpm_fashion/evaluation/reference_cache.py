@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ddpm_fashion.evaluation.classifier import SHIPPED_WEIGHTS
 from ddpm_fashion.data import load_fashion_mnist
+from ddpm_fashion.evaluation.classifier import SHIPPED_WEIGHTS
 from ddpm_fashion.evaluation.features import DEFAULT_BATCH_SIZE, extract_features
 from ddpm_fashion.guards.files import atomic_output, is_within
 

@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 
-from ddpm_fashion.guards.inputs import check_positive_int, check_seed
-from ddpm_fashion.evaluation.classifier import features_and_logits
 from ddpm_fashion.data import CLASS_NAMES, IMAGE_SIZE, MODEL_SIZE, load_fashion_mnist
+from ddpm_fashion.evaluation.classifier import features_and_logits
 from ddpm_fashion.evaluation.features import (
     DEFAULT_BATCH_SIZE,
     INCEPTION_ANTIALIAS,
@@ -29,8 +28,9 @@ from ddpm_fashion.evaluation.features import (
 )
 from ddpm_fashion.evaluation.metrics import NEIGHBOURS, class_histogram, frechet_distance, kl_from_uniform
 from ddpm_fashion.evaluation.precision_recall import precision_recall
-from ddpm_fashion.sampling.pictures import to_uint8_images
 from ddpm_fashion.evaluation.reference_cache import reference_features
+from ddpm_fashion.guards.inputs import MAX_SEED, check_int
+from ddpm_fashion.sampling.pictures import to_uint8_images
 
 REAL_TRAIN = "real-train"
 # k-NN radii need k + 1 points per set, and FID a covariance; below this many images neither means anything.
@@ -46,7 +46,7 @@ class Evaluator:
     def __init__(self, features: str = "fmnist", reference_split: str = "test", data_dir: Optional[str] = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, inception_weights: Optional[str] = None, device="cpu",
                  cache=None):
-        check_positive_int("batch_size", batch_size)
+        check_int("batch_size", batch_size)
         self.features, self.reference_split = features, reference_split
         self.batch_size, self.device = batch_size, device
         self.extractor = build_feature_extractor(features, inception_weights)
@@ -103,8 +103,8 @@ class Evaluator:
 
 def real_training_images(num_samples: int, seed: int = 0, data_dir: Optional[str] = None) -> torch.Tensor:
     """Get num_samples training images chosen at random (seeded), uint8 [N, 1, 28, 28]: the real-data floor."""
-    check_positive_int("num_samples", num_samples)
-    check_seed("seed", seed)
+    check_int("num_samples", num_samples)
+    check_int("seed", seed, 0, MAX_SEED)
     images, _ = load_fashion_mnist("train", data_dir)
     if num_samples > len(images):
         raise ValueError(f"--num_samples {num_samples} is more than the {len(images)} training images")

@@ -7,7 +7,8 @@ argparse.ArgumentTypeError, which argparse turns into its usual one-line usage e
 
 import argparse
 import math
-from typing import Iterable
+import numbers
+from typing import Iterable, Optional
 
 # torch.Generator.manual_seed takes any 64-bit value, but the trainer derives per-step seeds from it
 # (seed * 1_000_003 + step), and numpy's generators take 32 bits: one range everywhere keeps seeds portable.
@@ -31,63 +32,43 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_positive_int(name: str, value) -> int:
-    """Get value, or raise a one-line ValueError unless it is an integer of at least 1."""
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_seed(name: str, value) -> int:
-    """Get value, or raise a one-line ValueError unless it is an integer seed in [0, MAX_SEED]."""
-    if not is_int(value) or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{name} must be an integer from 0 to {MAX_SEED}, got {value!r}")
-    return value
-
-
 def check_finite(name: str, value) -> float:
-    """Get value, or raise a one-line ValueError unless it is a finite number (not nan or inf)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    """Get value, or raise a one-line ValueError unless it is a finite real number (numpy's included; not nan/inf)."""
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not is_real or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {float(value) if is_real else value!r}")
     return value
 
 
-def _argparse_type(check, text: str, name: str):
-    """Run a check on a command-line integer, turning its error into argparse's."""
-    try:
-        return check(name, int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {_WHAT[check]}, got {text}") from None
+def _integers(low: int, high: Optional[int]) -> str:
+    """Get how a message names the integers in [low, high] (high None: no upper bound)."""
+    if high is None:
+        return "a positive integer" if low == 1 else f"an integer of at least {low}"
+    return f"an integer from {low} to {high}"
 
 
-_WHAT = {check_positive_int: "a positive integer", check_seed: f"an integer from 0 to {MAX_SEED}"}
+def check_int(name: str, value, low: int = 1, high: Optional[int] = None) -> int:
+    """Get value, or raise a one-line ValueError unless it is an integer in [low, high] (high None: no bound).
 
-
-def positive_int(text: str) -> int:
-    """Parse a command-line integer that must be at least 1 (an argparse type)."""
-    return _argparse_type(check_positive_int, text, "value")
-
-
-def seed(text: str) -> int:
-    """Parse a command-line seed, an integer in [0, MAX_SEED] (an argparse type)."""
-    return _argparse_type(check_seed, text, "seed")
-
-
-def check_int_in_range(name: str, value, low: int, high: int) -> int:
-    """Get value, or raise a one-line ValueError unless it is an integer in [low, high]."""
-    if not is_int(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    Seeds are check_int(name, value, 0, MAX_SEED).
+    """
+    if not is_int(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {_integers(low, high)}, got {value!r}")
     return value
 
 
-def int_in_range(low: int, high: int):
-    """Get an argparse type parsing a command-line integer in [low, high]."""
+def int_arg(low: int = 1, high: Optional[int] = None):
+    """Get an argparse type parsing a command-line integer in [low, high], with check_int's rule."""
 
     def parse(text: str) -> int:
         try:
-            return check_int_in_range("value", int(text), low, high)
+            return check_int("value", int(text), low, high)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text}") from None
+            raise argparse.ArgumentTypeError(f"must be {_integers(low, high)}, got {text}") from None
 
-    parse.__name__ = f"integer from {low} to {high}"  # argparse names the type in some messages
+    parse.__name__ = _integers(low, high)  # argparse names the type in some messages
     return parse
+
+
+positive_int = int_arg()
+seed = int_arg(0, MAX_SEED)

@@ -37,8 +37,18 @@ from diffusers.utils import BaseOutput
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ddpm_fashion.models.unet_blocks import (AttentionBlock, DownBlock, MidBlock, ResnetBlock, TimestepMLP, UpBlock, Upsample,
-                                      fresh_silu, timestep_embedding, timesteps_for_batch)
+from ddpm_fashion.models.unet_blocks import (
+    AttentionBlock,
+    DownBlock,
+    MidBlock,
+    ResnetBlock,
+    TimestepMLP,
+    UpBlock,
+    Upsample,
+    fresh_silu,
+    timestep_embedding,
+    timesteps_for_batch,
+)
 from ddpm_fashion.models.unet_config import check_unet_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -245,7 +255,8 @@ class UNet(nn.Module, ConfigMixin):
         for path in (config_path, weights_path):
             if not path.is_file():
                 hint = " (a pipeline folder? pass subfolder='unet')" if (folder / "unet").is_dir() else ""
-                raise FileNotFoundError(f"{path} is missing{hint}; a U-Net folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+                raise FileNotFoundError(f"{path} is missing{hint}; a U-Net folder holds {CONFIG_NAME} and "
+                                        f"{WEIGHTS_NAME}")
         config = json.loads(config_path.read_text())
         class_name = config.get("_class_name", "UNet2DModel")
         if class_name not in CONFIG_CLASS_NAMES:

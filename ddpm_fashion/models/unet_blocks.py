@@ -5,6 +5,7 @@ arithmetic in the layouts unet.py's docstring explains (channels-last by default
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,8 @@ class ResnetBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         # A 1x1 convolution matches the channel counts of the skip path only where they differ.
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels
+                              else None)
         self.reference_mode = False  # set by UNet.reference_mode
 
     def forward(self, x, temb_act):
@@ -205,7 +207,10 @@ class Upsample(nn.Module):
         # output row 2i+1 reads rows 2i, 2i+1, 2i+2 = source rows i, i, i+1: taps (w0 + w1 | w2). A transposed
         # convolution with stride 2, padding 1 and the 4-tap kernel (w2, w1+w2, w0+w1, w0) computes exactly that.
         weight = self.conv.weight
-        with torch.autocast(weight.device.type, enabled=False):  # sum the taps at the weights' own precision
+        # Sum the taps at the weights' own precision (the meta device of memory measurements has no autocast).
+        no_autocast = torch.autocast(weight.device.type, enabled=False) if torch.amp.is_autocast_available(
+            weight.device.type) else nullcontext()
+        with no_autocast:
             taps = self.tap_sums.to(weight.dtype)
             kernel = torch.einsum("pu,qv,oiuv->iopq", taps, taps, weight)  # (C_in, C_out, 4, 4)
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
@@ -257,7 +262,7 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """One decoder level: resnet blocks on [x, skip] (each followed by attention in AttnUpBlock2D), then an upsampler."""
+    """One decoder level: resnet blocks on [x, skip] (each then attention in AttnUpBlock2D), then an upsampler."""
 
     def __init__(self, in_channels, prev_output_channels, out_channels, num_layers, with_attention, add_upsample,
                  resnet_kwargs, attention_kwargs):

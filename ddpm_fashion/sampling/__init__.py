@@ -1,1 +1,2 @@
-"""Sampling a saved DDPMPipeline: loading it, the reverse process in batches, samples files, pictures, own vs library."""
+"""Sampling a saved DDPMPipeline: loading it, the reverse process in batches, samples files, pictures, own vs
+library."""

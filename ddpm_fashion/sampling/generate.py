@@ -15,10 +15,10 @@ from diffusers import DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from ddpm_fashion.guards.inputs import check_positive_int, check_seed
+from ddpm_fashion.guards.inputs import MAX_SEED, check_int
 from ddpm_fashion.sampling.pictures import to_unit_range
-from ddpm_fashion.training.resources import available_memory, check_memory, estimate_unet_bytes, format_bytes
 from ddpm_fashion.sampling.saved_pipeline import UNET_CONFIG
+from ddpm_fashion.training.resources import available_memory, check_memory, format_bytes, measure_unet_bytes
 
 # Fast samplers need far fewer steps than the 1000 training steps DDPM walks through; these are their usual counts.
 DEFAULT_INFERENCE_STEPS = {"ddim": 50, "ddim-to-t0": 50, "ddim-from-config": 50, "dpm": 25}
@@ -59,16 +59,12 @@ def check_sampling_memory(pipe: DDPMPipeline, batch_size: int, num_images: int, 
 
     `copies_kept` counts the float copies of all images a command holds at once (e.g. the images and their grid).
     """
-    config = dict(pipe.unet.config)
-    try:
-        one_image = estimate_unet_bytes(config, 1)
-    except ValueError as error:
-        raise ValueError(f"{UNET_CONFIG} of the model: {error}") from None
+    one_image = measure_unet_bytes(pipe.unet, 1)
     available = available_memory(pipe.device)
     if available is not None and one_image > available:
-        raise ValueError(f"one image of this model (sample_size {config.get('sample_size')!r} in {UNET_CONFIG}) "
+        raise ValueError(f"one image of this model (sample_size {pipe.unet.config.sample_size!r} in {UNET_CONFIG}) "
                          f"needs about {format_bytes(one_image)} of memory, more than {pipe.device.type} has free")
-    check_memory(estimate_unet_bytes(config, batch_size), pipe.device, f"a batch of {batch_size} images",
+    check_memory(measure_unet_bytes(pipe.unet, batch_size), pipe.device, f"a batch of {batch_size} images",
                  batch_option)
     channels, height, width = sample_shape(pipe)
     kept = copies_kept * num_images * channels * height * width * 4  # float32 on the CPU
@@ -163,9 +159,9 @@ def generate_images(
     `resume = (images, generator_state)` continues a run that stopped after whole batches, as `on_batch` saw it, and
     returns exactly what the uninterrupted run returns; `on_batch(images_so_far, generator)` follows every batch.
     """
-    check_positive_int("num_images", num_images)
-    check_positive_int("batch_size", batch_size)
-    check_seed("seed", seed)
+    check_int("num_images", num_images)
+    check_int("batch_size", batch_size)
+    check_int("seed", seed, 0, MAX_SEED)
     num_inference_steps = check_num_inference_steps(pipe, num_inference_steps)
     # One CPU generator for the whole run: the same seed gives the same images on CPU and GPU, and the first batch
     # equals pipe(batch_size=batch_size, generator=torch.Generator().manual_seed(seed)).

@@ -5,7 +5,7 @@ exact reimplementation gives the same images; the largest difference to the libr
 In those four runs our U-Net is in reference mode (`reference_mode = True`): UNet2DModel's kernels in its memory
 layouts, so a difference measures arithmetic, not which kernels ran. A fifth run samples with our stack as `sample`
 and `evaluate` do (the fast layout), for its speed: its images also differ by the rounding of other kernels, which
-adds up over sampling steps (measured in README.md, from benchmarks/unet_drift.py), so it is held to the looser
+adds up over sampling steps (measured by benchmarks/unet_drift.py; benchmarks/README.md), so it is held to the looser
 LAYOUT_TOLERANCE, which still catches any real error. The runs are the sampling benchmark too: U-Net forwards and
 scheduler.step() calls are timed apart, so the cost of our step() can be read against one U-Net forward.
 """
@@ -19,15 +19,21 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_fashion.guards.inputs import check_positive_int, check_seed
+from ddpm_fashion.guards.inputs import MAX_SEED, check_int
+from ddpm_fashion.sampling.generate import (
+    StepTimings,
+    check_num_inference_steps,
+    check_sampling_memory,
+    denoise,
+    initial_noise,
+)
 from ddpm_fashion.sampling.pictures import image_grid, side_by_side, to_unit_range, with_caption
-from ddpm_fashion.sampling.generate import StepTimings, check_num_inference_steps, check_sampling_memory, denoise, initial_noise
 from ddpm_fashion.sampling.saved_pipeline import load_pipeline, resolve_device
 
 # fp32 sampling with identical seeds must agree to this (max |difference| in model space, [-1, 1]).
 MAX_ABS_DIFF_TOLERANCE = 1e-5
 # Our fast stack against the library's: kernel rounding stays orders of magnitude below what a mistake in the
-# network moves images by (README.md has the measured drift).
+# network moves images by (benchmarks/README.md has the measured drift).
 LAYOUT_TOLERANCE = 1e-3
 
 
@@ -87,8 +93,8 @@ def run_comparison(
 ) -> Comparison:
     """Sample the four {own, diffusers} U-Net x scheduler combinations (and our fast stack) from the same noise;
     time and compare them."""
-    check_positive_int("num_images", num_images)
-    check_seed("seed", seed)
+    check_int("num_images", num_images)
+    check_int("seed", seed, 0, MAX_SEED)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     reference_pipe = load_pipeline(model_dir, scheduler=RUNS[0].scheduler, unet=RUNS[0].unet, device=device)
     num_inference_steps = check_num_inference_steps(reference_pipe, num_inference_steps)

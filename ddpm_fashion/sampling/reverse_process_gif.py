@@ -1,7 +1,6 @@
 """The reverse-process GIF of `ddpm-fashion sample --gif`: x_t beside the predicted x_0 at a few dozen steps.
 
-Frame and image counts, timing and scale are chosen for a readable animation of a few MB (sizes measured are in
-README.md).
+Frame and image counts, timing and scale are chosen for a readable animation of a few MB.
 """
 
 from typing import List, Tuple
@@ -9,8 +8,8 @@ from typing import List, Tuple
 import torch
 from PIL import Image
 
-from ddpm_fashion.sampling.pictures import image_grid, side_by_side, to_unit_range, with_caption
 from ddpm_fashion.sampling.generate import predicted_original
+from ddpm_fashion.sampling.pictures import image_grid, side_by_side, to_unit_range, with_caption
 
 # Enough frames to watch the noise turn into clothes; noisy frames barely compress, so more would cost megabytes.
 MAX_GIF_FRAMES = 40

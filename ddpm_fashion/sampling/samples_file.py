@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ddpm_fashion.guards.inputs import one_line
 from ddpm_fashion.guards.files import atomic_output, sha256_of_file
+from ddpm_fashion.guards.inputs import one_line
 
 SAMPLES_FORMAT = "ddpm_fashion evaluate samples v1"
 # What every part of a pipeline folder that makes the images is called; a trainer's checkpoints/ and logs/ are not.

@@ -13,9 +13,9 @@ from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, 
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from safetensors import SafetensorError
 
+from ddpm_fashion.guards.files import read_json_object
 from ddpm_fashion.guards.inputs import one_line, require_choice
 from ddpm_fashion.schedulers.ddim import EndingDDIMScheduler
-from ddpm_fashion.guards.files import read_json_object
 from ddpm_fashion.schedulers.ddpm import DDPMScheduler
 
 SCHEDULER_CHOICES = ("own", "diffusers", "ddim", "ddim-to-t0", "ddim-from-config", "dpm")

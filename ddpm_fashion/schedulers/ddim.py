@@ -7,15 +7,14 @@ benchmarks/dark_pixels.py), so a sampler that walks those timesteps finely follo
 black background grey, and scored worse the more steps it took.
 Ending the walk at the first timestep >= `final_timestep` and returning that step's x_0_hat skips them, whatever
 the step count: on the reference model DDIM's FID then falls with the steps (50 / 100 / 250) instead of rising
-(`python benchmarks/ddim_steps.py --settings clip_sample=false,final_x0_from=40`; README, Results). This is
+(`python benchmarks/ddim_steps.py --settings clip_sample=false,final_x0_from=40`; docs/results.md). This is
 the "denoise at the last step" of Song et al. 2021 (score SDE) and the sigma_min of Karras et al. 2022.
 """
 
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-# The default end, measured (README, Results): at 50 steps ending at t = 0 / 20 / 40 / 60 scored FID 0.524 / 0.495 /
-# 0.477 / 0.491, and 40 beat 20 at 50, 100 and 250 steps and at a second seed. The leading spacing of 50, 100 and
+# The default end, the best of t = 0 / 20 / 40 / 60 measured (docs/results.md). The leading spacing of 50, 100 and
 # 250 steps all land on t = 40, so they end at the same level.
 FINAL_TIMESTEP = 40
 
@@ -39,8 +38,9 @@ class EndingDDIMScheduler(DDIMScheduler):
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
              generator=None, variance_noise=None, return_dict: bool = True):
         """DDIM's step (eq. (12)); the walk's last step goes to alpha_bar = 1, where x_{t-1} is x_0_hat itself."""
-        output = super().step(model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                              generator=generator, variance_noise=variance_noise, return_dict=True)
+        output = super().step(model_output, timestep, sample, eta=eta,
+                              use_clipped_model_output=use_clipped_model_output, generator=generator,
+                              variance_noise=variance_noise, return_dict=True)
         if self.final_timestep > 0 and int(timestep) == int(self.timesteps[-1]):
             # eq. (12) with alpha_{t-1} = 1: the direction and noise terms carry sqrt(1 - alpha_{t-1}) = 0.
             output = DDIMSchedulerOutput(prev_sample=output.pred_original_sample,

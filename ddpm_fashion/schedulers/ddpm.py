@@ -15,7 +15,6 @@ Notation, used for the locals below (the paper's eq. 4 and the text around eq. 6
                          timesteps this is the next timestep of the schedule, -1 meaning the clean image).
 """
 
-import numbers
 import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -28,7 +27,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddpm_fashion.guards.inputs import check_finite, require_choice
-from ddpm_fashion.schedulers.noise_schedules import BETA_SCHEDULES, rescale_zero_terminal_snr
+from ddpm_fashion.schedulers.noise_schedules import BETA_SCHEDULES, rescale_zero_terminal_snr, trained_betas_tensor
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -64,32 +63,6 @@ def _as_count(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _check_finite_number(name: str, value) -> None:
-    """Raise a one-line ValueError naming the option unless value is a finite real number (numpy's included)."""
-    check_finite(name, float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value)
-
-
-def _checked_trained_betas(trained_betas, num_train_timesteps: int) -> torch.Tensor:
-    """Get trained_betas as float32 betas, or raise a ValueError unless they are num_train_timesteps finite numbers."""
-    betas = torch.tensor(trained_betas, dtype=torch.float32)
-    if betas.shape != (num_train_timesteps,):
-        # diffusers accepts any length: too few betas fail later, when a timestep indexes past the last one, and
-        # extra ones are silently left unused (see README).
-        hint = f"; to use them all, pass num_train_timesteps=len(trained_betas)={len(betas)}" if betas.ndim == 1 else ""
-        raise ValueError(
-            f"trained_betas must be a list of num_train_timesteps={num_train_timesteps} numbers, "
-            f"got shape {tuple(betas.shape)}{hint}"
-        )
-    not_finite = torch.nonzero(~torch.isfinite(betas)).flatten()
-    if len(not_finite) > 0:
-        index = not_finite[0].item()
-        raise ValueError(
-            f"trained_betas must be finite float32 numbers, got {betas[index].item()} at index {index} "
-            f"({len(not_finite)} of {num_train_timesteps} not finite)"
-        )
-    return betas
 
 
 class DDPMScheduler(SchedulerMixin, ConfigMixin):
@@ -134,14 +107,14 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         finite_options = dict(beta_start=beta_start, beta_end=beta_end, clip_sample_range=clip_sample_range,
                               dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
         for name, value in finite_options.items():
-            _check_finite_number(name, value)
+            check_finite(name, value)
         if beta_start < 0 or beta_end < 0:
             raise ValueError(f"beta_start and beta_end are variances and must be >= 0, got {beta_start}, {beta_end}")
         if not 0 < dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio is a quantile in (0, 1], got {dynamic_thresholding_ratio}")
 
         if trained_betas is not None:
-            self.betas = _checked_trained_betas(trained_betas, num_train_timesteps)
+            self.betas = trained_betas_tensor(trained_betas, num_train_timesteps)
         else:
             self.betas = BETA_SCHEDULES[beta_schedule](num_train_timesteps, beta_start, beta_end)
         if rescale_betas_zero_snr:

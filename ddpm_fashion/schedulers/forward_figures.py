@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ddpm_fashion.guards.inputs import check_seed
 from ddpm_fashion.data import CLASS_NAMES, crop_to_28, to_model_input
+from ddpm_fashion.guards.inputs import MAX_SEED, check_int
 from ddpm_fashion.sampling.pictures import to_unit_range
 from ddpm_fashion.schedulers.ddpm import DDPMScheduler
 
@@ -24,7 +24,7 @@ def one_per_class(labels: torch.Tensor) -> torch.Tensor:
 
 def noised_images(images_uint8: torch.Tensor, timesteps: Sequence[int], scheduler: DDPMScheduler, seed: int = 0):
     """Get x_t ~ q(x_t | x_0) for every image and timestep, one noise draw per image, as [R, T, 28, 28] in [0, 1]."""
-    check_seed("seed", seed)
+    check_int("seed", seed, 0, MAX_SEED)
     x0 = to_model_input(images_uint8)  # (R, 1, 32, 32) in [-1, 1]
     # The same epsilon for every t, so a row shows one path of the image dissolving into noise.
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))

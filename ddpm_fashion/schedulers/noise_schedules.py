@@ -81,3 +81,24 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     alpha_bar = sqrt_alpha_bar**2
     alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])  # undo the cumulative product
     return 1 - alphas
+
+
+def trained_betas_tensor(trained_betas, num_train_timesteps: int) -> torch.Tensor:
+    """Get trained_betas as float32 betas, or raise a ValueError unless they are num_train_timesteps finite numbers."""
+    betas = torch.tensor(trained_betas, dtype=torch.float32)
+    if betas.shape != (num_train_timesteps,):
+        # diffusers accepts any length: too few betas fail later, when a timestep indexes past the last one, and
+        # extra ones are silently left unused (docs/own-vs-library.md).
+        hint = f"; to use them all, pass num_train_timesteps=len(trained_betas)={len(betas)}" if betas.ndim == 1 else ""
+        raise ValueError(
+            f"trained_betas must be a list of num_train_timesteps={num_train_timesteps} numbers, "
+            f"got shape {tuple(betas.shape)}{hint}"
+        )
+    not_finite = torch.nonzero(~torch.isfinite(betas)).flatten()
+    if len(not_finite) > 0:
+        index = not_finite[0].item()
+        raise ValueError(
+            f"trained_betas must be finite float32 numbers, got {betas[index].item()} at index {index} "
+            f"({len(not_finite)} of {num_train_timesteps} not finite)"
+        )
+    return betas

@@ -1,8 +1,8 @@
 """A training run's state on disk: opening the run folder, and saving and loading checkpoints across processes.
 
 The trainer (train_accelerate.py) calls these; the rules they follow (marker, lock, manifests, what may be
-replaced) are ddpm_fashion/training/run_dir.py's. Every process takes part in a checkpoint (Accelerate saves each process's
-RNG state); only the main process renames, prunes and writes the files that are the same on every process.
+replaced) are ddpm_fashion/training/run_dir.py's. Every process takes part in a checkpoint (Accelerate saves each
+process's RNG state); only the main process renames, prunes and writes the files that are the same on every process.
 """
 
 import json
@@ -10,17 +10,27 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
-from ddpm_fashion.training import run_dir
+from ddpm_fashion.guards.files import (
+    FolderLock,
+    folder_size,
+    free_bytes,
+    is_disk_full,
+    match_umask,
+    remove_stale_staging,
+    scratch_folder,
+    staging_path,
+)
 from ddpm_fashion.guards.inputs import one_line
+from ddpm_fashion.training import run_dir
 from ddpm_fashion.training.config import config_to_yaml
-from ddpm_fashion.guards.files import (FolderLock, folder_size, free_bytes, is_disk_full, match_umask, remove_stale_staging,
-                                scratch_folder, staging_path)
 
 EMA_WEIGHTS = "ema.safetensors"
 
@@ -88,47 +98,66 @@ def writing(path, space_needed):
     try:
         yield
     except Exception as error:  # safetensors' SafetensorError is neither OSError nor RuntimeError
-        if not (is_disk_full(error) or (isinstance(error, (OSError, RuntimeError)) and free_bytes(path) < space_needed)):
+        write_failed = isinstance(error, (OSError, RuntimeError))
+        if not (is_disk_full(error) or (write_failed and free_bytes(path) < space_needed)):
             raise
         raise DiskFull(f"no space left on the device while writing {path}: it needs about {space_needed / 1e6:.0f} "
                        f"MB, {free_bytes(path) / 1e6:.0f} MB are free; nothing older was removed") from None
 
 
-def checkpoint_bytes(config, model, ema):
+@dataclass
+class TrainingState:
+    """What the training loop advances and a checkpoint holds: the network and what updates it, and the progress.
+
+    `progress` has the per-step losses, the images seen and the training seconds over all sessions (None when a
+    checkpoint from before they were timed was resumed).
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: Optional[object]
+    sampler: object
+    step: int = 0
+    progress: dict = field(default_factory=lambda: {"losses": [], "images_seen": 0, "train_seconds": 0.0})
+
+
+def checkpoint_bytes(config, state):
     """Estimate a checkpoint's size: the newest one's, or weights + two Adam moments (+ EMA) before the first."""
     found = run_dir.checkpoint_dirs(config.output_dir)
     if found:
         return folder_size(found[-1])
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights * (3 + (ema is not None))
+    weights = sum(p.numel() * p.element_size() for p in state.model.parameters())
+    return weights * (3 + (state.ema is not None))
 
 
-def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler, progress):
+def save_checkpoint(accelerator, config, state):
     """accelerator.save_state plus our trainer state, written under a temporary name and renamed when complete.
 
     Every process writes its part (its RNG state) into the staging folder; the main process renames it only after
     all have finished, then prunes old checkpoints, then all go on.
     """
-    final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{step}"
+    final = Path(config.output_dir) / run_dir.CHECKPOINTS / f"checkpoint-{state.step}"
     staging = staging_path(final)  # named by the main process's pid: every process writes into that one folder
     if accelerator.num_processes > 1:
         staging = Path(broadcast_object_list([str(staging)])[0])
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise FloatingPointError(f"the weights became non-finite at step {step}; not saving them. "
+    if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+        raise FloatingPointError(f"the weights became non-finite at step {state.step}; not saving them. "
                                  f"{run_dir.describe_checkpoints(config.output_dir)}")
-    with writing(staging, checkpoint_bytes(config, model, ema)), \
+    with writing(staging, checkpoint_bytes(config, state)), \
             scratch_folder(staging) if accelerator.is_main_process else nullcontext():
         accelerator.wait_for_everyone()  # the folder exists before any process writes into it
         accelerator.save_state(str(staging), safe_serialization=True)
         accelerator.wait_for_everyone()  # no rename while another process still writes its part
         if accelerator.is_main_process:
             (staging / run_dir.CONFIG_FILE).write_text(config_to_yaml(config))
-            state = {"global_step": step, "sampler": sampler.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     **progress}
-            if ema is not None:
-                save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, staging / EMA_WEIGHTS)
-                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-            (staging / run_dir.TRAINER_STATE).write_text(json.dumps(state))
+            trainer_state = {"global_step": state.step, "sampler": state.sampler.state_dict(),
+                             "lr_scheduler": state.lr_scheduler.state_dict(), **state.progress}
+            if state.ema is not None:
+                save_file({str(i): p.contiguous() for i, p in enumerate(state.ema.shadow_params)},
+                          staging / EMA_WEIGHTS)
+                trainer_state["ema"] = {k: v for k, v in state.ema.state_dict().items() if k != "shadow_params"}
+            (staging / run_dir.TRAINER_STATE).write_text(json.dumps(trainer_state))
             match_umask(staging)
             run_dir.write_manifest(staging)
             os.replace(staging, final)
@@ -136,20 +165,21 @@ def save_checkpoint(accelerator, config, step, model, ema, sampler, lr_scheduler
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, path, ema, sampler, lr_scheduler):
-    """Restore model, optimizer and RNG (Accelerate) and our trainer state; returns (step, progress)."""
+def load_checkpoint(accelerator, path, state):
+    """Restore model, optimizer and RNG (Accelerate) and our trainer state into `state`."""
     try:
         accelerator.load_state(str(path))
     except Exception as error:  # a readable message beats a library traceback; the manifest passed, so say what
         raise ValueError(f"checkpoint {path} does not load into this run: {one_line(error)[:300]}") from None
-    state = json.loads((Path(path) / run_dir.TRAINER_STATE).read_text())
-    sampler.load_state_dict(state["sampler"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None:
+    saved = json.loads((Path(path) / run_dir.TRAINER_STATE).read_text())
+    state.sampler.load_state_dict(saved["sampler"])
+    state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if state.ema is not None:
         shadow = load_file(Path(path) / EMA_WEIGHTS)
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-        ema.to(accelerator.device)
-    step = state["global_step"]
+        state.ema.load_state_dict({**saved["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        state.ema.to(accelerator.device)
+    state.step = saved["global_step"]
     # Runs from before images were counted had only full batches of the configured size.
-    images = state.get("images_seen", step * sampler.global_batch_size * accelerator.gradient_accumulation_steps)
-    return step, {"losses": state["losses"], "images_seen": images, "train_seconds": state.get("train_seconds")}
+    images = saved.get("images_seen",
+                       state.step * state.sampler.global_batch_size * accelerator.gradient_accumulation_steps)
+    state.progress = {"losses": saved["losses"], "images_seen": images, "train_seconds": saved.get("train_seconds")}

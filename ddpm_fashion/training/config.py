@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import yaml
 from transformers import HfArgumentParser
 
-from ddpm_fashion.guards.inputs import check_finite, check_seed
+from ddpm_fashion.guards.inputs import MAX_SEED, check_finite, check_int
 from ddpm_fashion.models.unet import check_unet_kwargs
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
@@ -88,8 +88,8 @@ class TrainConfig:
     ddpm_num_inference_steps: int = 1000  # steps used for the sample grids
     ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "linear"
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
-    # The objective (ddpm_fashion/training/objective.py): min-SNR-gamma loss weights (diffusers' name; null = unweighted, as in
-    # Ho et al.) and how a batch's timesteps are drawn.
+    # The objective (ddpm_fashion/training/objective.py): min-SNR-gamma loss weights (diffusers' name; null =
+    # unweighted, as in Ho et al.) and how a batch's timesteps are drawn.
     snr_gamma: Optional[float] = None
     snr_weight_floor: Optional[float] = None  # least weight of a timestep min-SNR caps (SNR > gamma); null = the paper
     timestep_sampling: Literal["uniform", "stratified"] = "uniform"
@@ -165,7 +165,7 @@ def check_values(config: TrainConfig) -> None:
     for f in dataclasses.fields(config):
         if isinstance(getattr(config, f.name), float):
             check_finite(f.name, getattr(config, f.name))
-    check_seed("seed", config.seed)
+    check_int("seed", config.seed, 0, MAX_SEED)
     if config.snr_gamma is not None and not config.snr_gamma > 0:
         raise ValueError(f"snr_gamma must be positive (5 in Hang et al. 2023) or null, got {config.snr_gamma}")
     if config.snr_weight_floor is not None and not (config.snr_weight_floor > 0 and config.snr_gamma is not None):
@@ -271,7 +271,8 @@ def split_unet_overrides(argv: list) -> tuple:
 
 def valid_options() -> str:
     """The command-line options, for error messages."""
-    return "--config, --dry_run, --overwrite_output_dir, --unet.KEY, " + ", ".join(f"--{k}" for k in valid_keys() if k != "unet")
+    keys = ", ".join(f"--{k}" for k in valid_keys() if k != "unet")
+    return f"--config, --dry_run, --overwrite_output_dir, --unet.KEY, {keys}"
 
 
 def or_null(convert):

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
 # A Figure made directly (not through pyplot) draws with a file-only canvas: no GUI backend is chosen or needed, so
 # the trainer runs on machines with no screen, and no global matplotlib setting changes.
 from matplotlib.figure import Figure

@@ -3,10 +3,14 @@
 A leaf module: it imports nothing of ddpm_fashion.
 """
 
+import copy
 import os
-from typing import List, Optional, Tuple
+import weakref
+from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Set this to force the number of torch threads per process (the launchers' OMP_NUM_THREADS=1 default is not a choice).
 THREADS_ENV = "DDPM_FASHION_NUM_THREADS"
@@ -79,7 +83,7 @@ def configure_threads() -> Tuple[int, str]:
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Tell whether bf16 matrix products run natively on the device (on a CPU: oneDNN's bf16 kernels, AVX-512 or AMX)."""
+    """Tell whether bf16 matrix products run natively on the device (a CPU: oneDNN's bf16 kernels, AVX-512 or AMX)."""
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return device.type != "cuda" or torch.cuda.is_bf16_supported()
@@ -99,95 +103,64 @@ def available_memory(device: torch.device) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory a U-Net batch needs: a rough upper bound from feature-map sizes, to refuse absurd sizes before any work
+# Memory a U-Net batch needs, measured by running the network on the meta device (shapes, no storage)
 # ----------------------------------------------------------------------------------------------------------------
 
-FLOAT_BYTES = 4  # fp32; mixed precision needs less, so the bound still holds
-# Feature maps alive at once besides the skip connections during a forward (input, normed, activated, convolved,
-# the concatenated skip, the output): a generous count, since the estimate only has to catch absurd sizes.
-LIVE_MAPS = 6
-# Activations autograd keeps per resnet block (two norms, two activations, two convolutions, the residual sum and
-# the time-embedding add) and per attention block (norm, q, k, v, output); the score matrices come on top.
-SAVED_PER_RESNET = 8
-SAVED_PER_ATTENTION = 5
-# Training holds each parameter as weight, gradient, two AdamW moments and an EMA copy.
-TRAINING_PARAMETER_COPIES = 5
+# Training holds each parameter as weight, two AdamW moments and an EMA copy (gradients are measured).
+TRAINING_PARAMETER_COPIES = 4
+# What a run needs when one of its tensors has more bytes than 64-bit sizes count.
+UNADDRESSABLE = 2**63
 
 
-def _sample_shape(sample_size) -> Tuple[int, int]:
-    """Get (height, width) from a U-Net config's sample_size (an int or a pair), or raise a one-line ValueError."""
-    size = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in size)):
-        raise ValueError(f"sample_size must be a positive integer or a pair of them, got {sample_size!r}")
-    return size[0], size[1]
+class _LiveTensorBytes(TorchDispatchMode):
+    """Count the bytes of the tensors alive while operations run, and their peak (views share their base's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _freed(self, count):
+        self.live -= count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        outputs = func(*args, **(kwargs or {}))
+        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(outputs):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in inputs and not tensor._is_view():
+                count = tensor.numel() * tensor.element_size()
+                self.live += count
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._freed, count)
+        return outputs
 
 
-def _unet_levels(unet_config: dict) -> List[Tuple[int, int, bool, int]]:
-    """Get (channels, pixels per map, has attention, attention heads) of each U-Net level, from its config."""
-    height, width = _sample_shape(unet_config.get("sample_size"))
-    channels = unet_config.get("block_out_channels")
-    if not isinstance(channels, (list, tuple)) or not channels or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
-        raise ValueError(f"block_out_channels must be a list of positive integers, got {channels!r}")
-    block_types = list(unet_config.get("down_block_types") or ())
-    head_dim = unet_config.get("attention_head_dim")
-    levels = []
-    for level, width_channels in enumerate(channels):
-        attention = level < len(block_types) and "Attn" in str(block_types[level])
-        heads = max(1, width_channels // head_dim) if isinstance(head_dim, int) and head_dim > 0 else 1
-        pixels = -(-height // 2**level) * -(-width // 2**level)  # ceil: odd sizes round up when downsampled
-        levels.append((width_channels, pixels, attention, heads))
-    return levels
+def measure_unet_bytes(unet: torch.nn.Module, batch_size: int, training: bool = False) -> int:
+    """Get the memory one U-Net forward (with training, forward and backward) of a batch needs, in fp32.
 
-
-def _unet_parameters(unet_config: dict, levels) -> int:
-    """Get about how many parameters a U-Net of this config has (3x3 convolutions, time projections, attention)."""
-    layers = unet_config.get("layers_per_block") or 1
-    temb = 4 * levels[0][0]
-
-    def resnet(c_in, c_out):
-        return 9 * c_in * c_out + 9 * c_out * c_out + temb * c_out + (c_in * c_out if c_in != c_out else 0)
-
-    total = 0
-    for channels, _, attention, _ in levels:
-        per_block = resnet(2 * channels, channels) + (4 * channels * channels if attention else 0)
-        total += (2 * layers + 1) * per_block + 9 * channels * channels  # down + up resnets, one resampler
-    deepest = levels[-1][0]
-    return total + 2 * resnet(deepest, deepest) + 4 * deepest * deepest + temb * temb
-
-
-def estimate_unet_bytes(unet_config: dict, batch_size: int, training: bool = False) -> int:
-    """Get a rough upper bound of the memory one U-Net forward (and backward when training) of a batch needs."""
-    levels = _unet_levels(unet_config)
-    layers = unet_config.get("layers_per_block") or 1
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        raise ValueError(f"layers_per_block must be a positive integer, got {layers!r}")
-    deepest_channels, deepest_pixels, _, deepest_heads = levels[-1]
-    mid_attention = unet_config.get("add_attention", True)
-    # Score matrices (heads x tokens x tokens per image) and their softmax, for the largest attention block.
-    scores = [2 * heads * pixels * pixels for _, pixels, attention, heads in levels if attention]
-    if mid_attention:
-        scores.append(2 * deepest_heads * deepest_pixels * deepest_pixels)
-    largest_scores = max(scores, default=0)
-    # Skip connections: the stem's output, each resnet's output and each downsampled map, kept until the up path.
-    skips = levels[0][0] * levels[0][1] + sum(layers * channels * pixels + channels * -(-pixels // 4)
-                                              for channels, pixels, _, _ in levels)
-    largest_map = max(channels * pixels for channels, pixels, _, _ in levels)
-    if training:
-        saved = 0
-        for channels, pixels, attention, heads in levels:
-            blocks = 2 * layers + 1  # down resnets, up resnets (one more, for the extra skip)
-            saved += blocks * (SAVED_PER_RESNET + 2) * channels * pixels  # up resnets read 2x the channels
-            if attention:
-                saved += blocks * (SAVED_PER_ATTENTION * channels * pixels + 2 * heads * pixels * pixels)
-        saved += 2 * SAVED_PER_RESNET * deepest_channels * deepest_pixels
-        per_image = skips + saved + largest_scores
-        parameter_copies = TRAINING_PARAMETER_COPIES
-    else:
-        per_image = skips + LIVE_MAPS * largest_map + largest_scores
-        parameter_copies = 1
-    return FLOAT_BYTES * (batch_size * per_image + parameter_copies * _unet_parameters(unet_config, levels))
+    A copy of the network runs on the meta device, where tensors have shapes but no storage, so any batch size costs
+    nothing: the peak of the activation bytes alive (autograd's saved tensors and the gradients included) plus the
+    parameters, held TRAINING_PARAMETER_COPIES times when training. Mixed precision needs less.
+    """
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    meta = copy.deepcopy(unet).to("meta")
+    sample = torch.empty(batch_size, unet.config.in_channels, height, width, device="meta")
+    timesteps = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    counter = _LiveTensorBytes()
+    # Packing a saved tensor as itself keeps its Python object alive as long as autograd holds it, so it stays counted.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), counter:
+        try:
+            if training:
+                meta(sample, timesteps).sample.float().pow(2).mean().backward()
+            else:
+                with torch.no_grad():
+                    meta(sample, timesteps)
+        except RuntimeError as error:
+            if "overflow" not in str(error):
+                raise
+            return UNADDRESSABLE  # a tensor too large for 64-bit sizes: no machine holds it
+    parameters = sum(p.numel() * p.element_size() for p in unet.parameters())
+    return counter.peak + parameters * (TRAINING_PARAMETER_COPIES if training else 1)
 
 
 def format_bytes(count: int) -> str:

@@ -10,8 +10,9 @@
 
 The rules: a folder is only written to if it is absent, empty, or marked as ours; a run folder holding an earlier
 run's checkpoints or published pipeline is only continued (--resume_from_checkpoint) or, when the user asks with
---overwrite_output_dir, trained over; a second run into a locked folder is refused; nothing in it changes until every check of the run has passed; checkpoints and the pipeline are written
-under a temporary name and renamed into place, so a process killed at any moment leaves the old set or the new one;
+--overwrite_output_dir, trained over; a second run into a locked folder is refused; nothing in it changes until
+every check of the run has passed; checkpoints and the pipeline are written under a temporary name and renamed
+into place, so a process killed at any moment leaves the old set or the new one;
 every checkpoint carries a manifest (size and SHA-256 of each file), so `latest` only ever resumes from one that is
 provably complete; resuming from a checkpoint older than the newest is refused (continuing it would prune the
 newer ones); publishing replaces only the files it writes.

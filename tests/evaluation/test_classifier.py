@@ -8,11 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_synthetic_fashion_mnist
-from ddpm_fashion.evaluation import classifier
-from ddpm_fashion.evaluation import classifier_training
 from ddpm_fashion.cli import main
 from ddpm_fashion.data import CLASS_NAMES, load_fashion_mnist
-
+from ddpm_fashion.evaluation import classifier, classifier_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -144,7 +142,7 @@ def test_missing_classifier_folder_says_how_to_make_one(tmp_path):
         classifier.load_classifier(tmp_path)
 
 
-# ---- issue 12: the shipped classifier is never replaced; --out appears only when the model is saved -------------
+# ---- the shipped classifier is never replaced; --out appears only when the model is saved ----------------------
 
 def _snapshot_shipped():
     return {path.name: path.read_bytes() for path in classifier.WEIGHTS_DIR.iterdir()}

@@ -99,3 +99,19 @@ def test_bad_input_raises_one_line(generated, reference, k, fragment):
     with pytest.raises(ValueError, match=fragment) as error:
         precision_recall(generated, reference, k=k)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_precision_recall_follows_the_k_nearest_neighbour_definition():
+    # Reference points on a line at 0..9: with k=3 an inner point's ball has radius 2, an end point's radius 3.
+    reference = torch.arange(10.0)[:, None]
+    inside = torch.tensor([[2.5], [7.0], [-3.0], [11.0]])
+    half_outside = torch.tensor([[2.5], [30.0], [7.0], [-20.0]])
+    assert precision_recall(inside, reference)["precision"] == 1.0
+    assert precision_recall(half_outside, reference)["precision"] == 0.5
+    # Recall: reference points inside balls around the generated points (radius: the 3rd neighbour among them).
+    assert precision_recall(torch.arange(0.0, 10.0, 2.0)[:, None], reference)["recall"] == 1.0
+    clustered = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4]])  # radii 0.2 to 0.3: only point 0 is covered
+    assert precision_recall(clustered, reference)["recall"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="at least 4"):
+        precision_recall(inside[:3], reference)

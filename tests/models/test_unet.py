@@ -206,7 +206,8 @@ def test_random_configurations_equal_diffusers(data):
     reference, ours = model_pair(config, seed=data.draw(st.integers(0, 1000)))
     sample = sample_for(config, batch_size=2)
     with torch.no_grad():
-        assert_outputs_equal(ours(sample, torch.tensor([5, 900])).sample, reference(sample, torch.tensor([5, 900])).sample)
+        timesteps = torch.tensor([5, 900])
+        assert_outputs_equal(ours(sample, timesteps).sample, reference(sample, timesteps).sample)
 
 
 def test_upsampler_equals_nearest_upsampling_then_convolution():
@@ -233,7 +234,8 @@ def test_reference_mode_is_bitwise_unet2dmodel(name):
     config = CONFIGS[name]
     reference, ours = model_pair(config)
     ours.reference_mode = True
-    assert all(module.reference_mode for module in ours.modules() if isinstance(module, (ResnetBlock, AttentionBlock, Upsample)))
+    switched = [module for module in ours.modules() if isinstance(module, (ResnetBlock, AttentionBlock, Upsample))]
+    assert all(module.reference_mode for module in switched)
     with torch.no_grad():
         for batch_size, timesteps in ((2, (0, 417, 999)), (64, (417,))):  # from 64 on, diffusers' upsampler
             sample = sample_for(config, batch_size=batch_size)             # switches layout
@@ -241,7 +243,7 @@ def test_reference_mode_is_bitwise_unet2dmodel(name):
                 expected = reference(sample, timestep).sample
                 assert torch.equal(ours(sample, timestep).sample, expected), (batch_size, timestep)
     ours.reference_mode = False
-    assert not any(module.reference_mode for module in ours.modules() if isinstance(module, (ResnetBlock, AttentionBlock, Upsample)))
+    assert not any(module.reference_mode for module in switched)
 
 
 def test_conversion_round_trip_is_exact_and_carries_dtype_and_mode():

@@ -5,8 +5,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from ddpm_fashion import EndingDDIMScheduler
-from ddpm_fashion.schedulers.ddim import FINAL_TIMESTEP
 from ddpm_fashion.sampling.saved_pipeline import build_scheduler, sampler_settings
+from ddpm_fashion.schedulers.ddim import FINAL_TIMESTEP
 from ddpm_fashion.schedulers.ddpm import DDPMScheduler
 
 DDPM_CONFIG = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").config
@@ -75,7 +75,8 @@ def test_the_walk_returns_the_x0_estimate_of_its_last_timestep(tiny_unet):
     expected = (output.pred_original_sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(images - expected).max() < 1e-6
     # ... which is not what walking on to t = 0 gives
-    assert abs(images - sample_with(tiny_unet, DDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False), 10)).max() > 1e-3
+    to_t0 = DDIMScheduler.from_config(DDPM_CONFIG, clip_sample=False)
+    assert abs(images - sample_with(tiny_unet, to_t0, 10)).max() > 1e-3
 
 
 def test_step_tuple_form_matches_diffusers_and_the_last_step_gives_x0_for_any_eta():

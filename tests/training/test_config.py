@@ -1,4 +1,5 @@
-"""ddpm_fashion.training.config: what a config file and the command line may say, and the one-line errors when they are wrong."""
+"""ddpm_fashion.training.config: what a config file and the command line may say, and the one-line errors when they
+are wrong."""
 
 import dataclasses
 import typing

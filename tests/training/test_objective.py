@@ -5,8 +5,8 @@ import torch
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
 from ddpm_fashion.schedulers.ddpm import DDPMScheduler
+from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
 
 
 def test_uniform_timesteps_are_the_plain_randint_stream():

@@ -1,5 +1,5 @@
-"""The run folder's rules (ddpm_fashion/training/run_dir.py, checkpointing.py, files.py) as users meet them: real folders,
-real processes, a real full disk. Nothing the user made is trained over, deleted or made unreadable."""
+"""The run folder's rules (ddpm_fashion/training/run_dir.py, checkpointing.py, guards/files.py) as users meet them:
+real folders, real processes, a real full disk. Nothing the user made is trained over, deleted or made unreadable."""
 
 import os
 import shutil
@@ -14,9 +14,8 @@ from conftest import ROOT, SMOKE, error_line, fill_disk, mounted_tmpfs, run_trai
 
 sys.path.insert(0, str(ROOT))
 import train_accelerate  # noqa: E402
-
-from ddpm_fashion.training import run_dir  # noqa: E402
 from ddpm_fashion.guards.files import staging_path  # noqa: E402
+from ddpm_fashion.training import run_dir  # noqa: E402
 
 REFERENCE_MODEL = ROOT / "benchmarks" / "results" / "reference-model"
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -50,6 +49,7 @@ def test_a_copied_pipeline_that_is_not_our_run_is_never_trained_over(tmp_path, t
     assert tree(copy) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_whose_checkpoints_were_deleted_is_trained_over_only_with_overwrite_output_dir(
         run_copy, train_data_dir, capsys):
     shutil.rmtree(run_copy / "checkpoints")  # to save space; the published weights are what the user keeps
@@ -73,6 +73,7 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_trained_over_only_with
     assert "seed: 7" in (run_copy / "train_config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_overwrite_output_dir_replaces_the_earlier_checkpoints_and_keeps_the_users_files(run_copy, train_data_dir,
                                                                                        capsys):
     (run_copy / "checkpoints" / "notes.txt").write_text("mine")
@@ -90,6 +91,7 @@ def test_overwrite_output_dir_replaces_the_earlier_checkpoints_and_keeps_the_use
 # Only staging we can prove is ours, and dead, is ever removed
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_user_files_named_like_temporaries_survive_and_only_a_dead_writers_staging_is_removed(run_copy,
                                                                                              train_data_dir):
     checkpoints = run_copy / "checkpoints"

@@ -1,0 +1,41 @@
+"""What the launcher decided, read from the environment it set: processes on CPUs, a launch that started fewer
+processes than asked for, and the precision to train in."""
+
+import os
+
+import torch
+from accelerate.utils import get_int_from_env
+
+
+def launched_on_cpus_only():
+    """Whether a launcher started several processes on a machine without a GPU.
+
+    Accelerate joins such processes into one (gloo) process group only when asked for the CPU: torchrun and
+    `accelerate launch --multi_gpu` on a CPU do not ask, and each process would train alone.
+    """
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return launched > 1 and not has_accelerator
+
+
+def check_launcher(num_processes):
+    """Refuse a launch that asked for several processes but started one (before any write).
+
+    `accelerate launch --num_processes N` without --multi_gpu on a machine with fewer than two GPUs runs the script
+    once; it still sets MASTER_ADDR for the N processes it did not start.
+    """
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+    if launched_by_accelerate and num_processes == 1 and "WORLD_SIZE" not in os.environ:
+        raise ValueError("accelerate launch --num_processes N started 1 process here: without --multi_gpu it runs "
+                         "several only on a machine with several GPUs. Add --multi_gpu (on a CPU the N processes "
+                         "train as one gloo group; drop --cpu), use torchrun --nproc_per_node N, or pass "
+                         "--num_processes 1")
+
+
+def resolve_mixed_precision(requested, native_bf16):
+    """Get the precision to train in: the config's; if null the launcher's, else "no"; "auto": bf16 if native."""
+    if requested is None:
+        return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()  # set by `accelerate launch`
+    if requested == "auto":
+        return "bf16" if native_bf16 else "no"
+    return requested
