@@ -40,7 +40,14 @@ from ddpm_fashion.training.checkpointing import (
 )
 from ddpm_fashion.training.clock import Clock
 from ddpm_fashion.training.config import CPU_CONFIG, config_to_yaml, parse_config, resume_differences
-from ddpm_fashion.training.launch import check_launcher, launched_on_cpus_only, resolve_mixed_precision
+from ddpm_fashion.training.launch import (
+    check_launcher,
+    ignoring_stop_signals,
+    is_first_process,
+    launched_on_cpus_only,
+    resolve_mixed_precision,
+    stop_signals_as_interrupts,
+)
 from ddpm_fashion.training.model_card import plot_loss, write_model_card
 from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
 from ddpm_fashion.training.resources import (
@@ -397,16 +404,19 @@ def main(argv=None):
         if options.dry_run:
             print(config_to_yaml(config), end="")
             return 0
-        train(config, options.overwrite_output_dir)
+        with stop_signals_as_interrupts():  # `accelerate launch` answers Ctrl-C with SIGTERM
+            train(config, options.overwrite_output_dir)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except (FloatingPointError, OSError) as error:  # DiskFull included; an OSError's message names its file
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; checkpoints are only ever complete
-        where = run_dir.describe_checkpoints(config.output_dir) if config is not None else "nothing was written"
-        print(f"\n{prog}: interrupted; {where}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C or the launcher's SIGTERM: one line; checkpoints are only ever complete
+        with ignoring_stop_signals():
+            where = run_dir.describe_checkpoints(config.output_dir) if config is not None else "nothing was written"
+            if is_first_process():
+                print(f"\n{prog}: interrupted; {where}", file=sys.stderr, flush=True)
         return 130  # the shell's code for a SIGINT
     except (RuntimeError, MemoryError) as error:
         if isinstance(error, RuntimeError) and not is_out_of_memory(error):

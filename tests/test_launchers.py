@@ -126,3 +126,32 @@ def test_resuming_with_another_global_batch_is_refused_naming_both_process_count
     assert "1 process(es) x train_batch_size 16 = 16 -> 2 process(es) x 16 = 32" in line, line
     assert "with 2 process(es) pass --train_batch_size 8" in line
     assert tree(run_copy) == before
+
+
+@pytest.mark.parametrize("launcher, exit_code", [
+    (("accelerate", "launch", "--num_processes", "1"), 130),  # accelerate answers Ctrl-C with SIGTERM to the script
+    (("torchrun", "--nproc_per_node", "2"), 1),  # torchrun adds its own SignalException report and exits 1
+])
+def test_ctrl_c_under_each_launcher_names_the_checkpoint_to_resume_once(tmp_path, train_data_dir, launcher,
+                                                                         exit_code):
+    import os
+    import signal
+    import time
+
+    output_dir = tmp_path / "out"
+    command = [str(BIN / launcher[0]), *launcher[1:], str(ROOT / "train_accelerate.py"), "--config", str(SMOKE),
+               "--output_dir", str(output_dir), "--data_dir", str(train_data_dir), "--max_train_steps", "400",
+               "--checkpointing_steps", "2", "--save_images_steps", "1000", "--train_batch_size", "8"]
+    # Its own session, so the signal goes to the launcher and its children together, as a terminal's Ctrl-C does.
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (output_dir / "checkpoints" / "checkpoint-2").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == exit_code, err[-2000:]
+    ours = [line for line in err.splitlines() if line.startswith("train_accelerate.py: interrupted")]
+    assert len(ours) == 1, err[-2000:]
+    assert "the newest checkpoint is" in ours[0] and "--resume_from_checkpoint latest" in ours[0]

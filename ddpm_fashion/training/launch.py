@@ -1,7 +1,10 @@
 """What the launcher decided, read from the environment it set: processes on CPUs, a launch that started fewer
-processes than asked for, and the precision to train in."""
+processes than asked for, the precision to train in, and its signal to stop."""
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import get_int_from_env
@@ -39,3 +42,46 @@ def resolve_mixed_precision(requested, native_bf16):
     if requested == "auto":
         return "bf16" if native_bf16 else "no"
     return requested
+
+
+class Terminated(KeyboardInterrupt):
+    """The launcher told the script to stop (SIGTERM): `accelerate launch` sends it on Ctrl-C, right after the
+    terminal's SIGINT, and would otherwise end the script before it says where to resume; torchrun sends it too."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second would interrupt the report
+    raise Terminated
+
+
+@contextmanager
+def stop_signals_as_interrupts():
+    """Within the block SIGTERM is a KeyboardInterrupt (Terminated), so it takes Ctrl-C's path (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def ignoring_stop_signals():
+    """Within the block SIGINT and SIGTERM are ignored: the interrupted trainer's one line is printed whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def is_first_process():
+    """Whether this is rank 0 of the launch (every process is told to stop; one says where to resume)."""
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"], 0) == 0
+
