@@ -142,9 +142,10 @@ def test_ctrl_c_under_each_launcher_names_the_checkpoint_to_resume_once(tmp_path
     command = [str(BIN / launcher[0]), *launcher[1:], str(ROOT / "train_accelerate.py"), "--config", str(SMOKE),
                "--output_dir", str(output_dir), "--data_dir", str(train_data_dir), "--max_train_steps", "400",
                "--checkpointing_steps", "2", "--save_images_steps", "1000", "--train_batch_size", "8"]
-    # Its own session, so the signal goes to the launcher and its children together, as a terminal's Ctrl-C does.
+    # Its own session, so the signal goes to the launcher and its children together, as a terminal's Ctrl-C does;
+    # and SIGINT's default disposition, as a terminal gives it (a shell's background job inherits it ignored).
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (output_dir / "checkpoints" / "checkpoint-2").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint within 240 s"
