@@ -156,3 +156,29 @@ def test_ctrl_c_under_each_launcher_names_the_checkpoint_to_resume_once(tmp_path
     ours = [line for line in err.splitlines() if line.startswith("train_accelerate.py: interrupted")]
     assert len(ours) == 1, err[-2000:]
     assert "the newest checkpoint is" in ours[0] and "--resume_from_checkpoint latest" in ours[0]
+
+
+SLOW_SIBLING_CHECK = """
+# Launch the trainer with rank 1 holding its check of the run folder's lock for 3 s, so rank 0 checks and locks the
+# folder while its sibling is still looking at it.
+import os, sys, time
+from ddpm_fashion.guards import files
+check = files._lock_or_name_holder
+def slow(handle, what, **kwargs):
+    check(handle, what, **kwargs)
+    if os.environ.get("RANK") == "1":
+        time.sleep(3)
+files._lock_or_name_holder = slow
+sys.path.insert(0, {root!r})
+import train_accelerate
+sys.exit(train_accelerate.main(sys.argv[1:]))
+"""
+
+
+def test_the_processes_of_one_launch_never_refuse_each_other_at_the_folder_lock(run_copy, train_data_dir, tmp_path):
+    launcher = tmp_path / "slow_sibling_check.py"
+    launcher.write_text(SLOW_SIBLING_CHECK.format(root=str(ROOT)))
+    result = run_training(run_copy, train_data_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", 13,
+                          "--train_batch_size", 8, "--save_images_steps", 100, script=launcher,
+                          launcher=torchrun(2, 29562))
+    assert processes_trained(result) == 2 and "in use by another run" not in result.stderr

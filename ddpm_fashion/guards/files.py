@@ -364,7 +364,7 @@ class FolderLock:
         if not path.is_file():
             return
         with open(path) as handle:
-            _lock_or_name_holder(handle, what)
+            _lock_or_name_holder(handle, what, shared=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
     @staticmethod
@@ -387,10 +387,14 @@ class FolderLock:
         self.release()
 
 
-def _lock_or_name_holder(handle, what: str) -> None:
-    """Take the flock on an open lock file, or raise a one-line ValueError naming the process that holds it."""
+def _lock_or_name_holder(handle, what: str, shared: bool = False) -> None:
+    """Take the flock on an open lock file, or raise a one-line ValueError naming the process that holds it.
+
+    shared=True takes a shared lock: it fails only where a run holds the folder (exclusively), so the processes of
+    one launch may check a folder at the same time without refusing each other.
+    """
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as error:
         if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise

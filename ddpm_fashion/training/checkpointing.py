@@ -56,6 +56,7 @@ def open_run_folder(accelerator, config, checkpoints_seen, damaged, overwrite=Fa
     nothing in output_dir was written.
     """
     lock, error, output_dir = None, None, Path(config.output_dir)
+    accelerator.wait_for_everyone()  # every process has finished its checks of the folder before it is locked
     if accelerator.is_main_process:
         created = not output_dir.exists()
         try:
