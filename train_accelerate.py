@@ -23,14 +23,15 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ddpm_fashion.data import ShardedBatchSampler, load_fashion_mnist, to_model_input
+from ddpm_fashion.data import ShardedBatchSampler, pixels_to_model_input
 from ddpm_fashion.guards.files import match_umask, move_files_into, scratch_folder, staging_path
 from ddpm_fashion.guards.inputs import one_line
+from ddpm_fashion.image_datasets import open_training_data
 from ddpm_fashion.models.unet import UNet
-from ddpm_fashion.sampling.pictures import grid_tensor, image_grid
+from ddpm_fashion.sampling.pictures import image_grid
 from ddpm_fashion.sampling.saved_pipeline import check_pipeline_dir
 from ddpm_fashion.schedulers.ddpm import DDPMScheduler
-from ddpm_fashion.training import run_dir
+from ddpm_fashion.training import hub, run_dir, trackers
 from ddpm_fashion.training.checkpointing import (
     TrainingState,
     load_checkpoint,
@@ -57,17 +58,16 @@ from ddpm_fashion.training.resources import (
     is_out_of_memory,
     measure_unet_bytes,
 )
+from ddpm_fashion.training.run_options import check_run_options, speed_and_memory_options
 
 # ------------------------------------------------------------------------------------------------------------
 # Models, randomness and samples
 # ------------------------------------------------------------------------------------------------------------
 
 def build_models(config):
-    """The U-Net and noise scheduler; both U-Net implementations start from the same UNet2DModel weights."""
-    shape = {k: config.unet.get(k) for k in ("sample_size", "in_channels", "out_channels")}
-    if shape != {"sample_size": 32, "in_channels": 1, "out_channels": 1}:
-        raise ValueError(f"unet {shape} does not fit the data: FashionMNIST is padded to 32x32 with 1 channel, "
-                         "so set sample_size: 32, in_channels: 1, out_channels: 1")
+    """The U-Net and noise scheduler; both U-Net implementations start from the same UNet2DModel weights.
+
+    The U-Net's sample_size and channels were fitted to the data (image_datasets.fit_unet_to_data)."""
     torch.manual_seed(config.seed)
     model = UNet2DModel(**config.unet)
     if config.unet_impl == "own":
@@ -93,7 +93,8 @@ def global_batch_randomness(config, micro_step, global_size, num_timesteps, devi
     randomness one process would, and a resumed run needs no generator state to continue identically.
     """
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + micro_step)
-    noise = torch.randn((global_size, 1, 32, 32), generator=generator, device=device)
+    size, channels = config.unet["sample_size"], config.unet["in_channels"]  # the data's (1, 32, 32): FashionMNIST
+    noise = torch.randn((global_size, channels, size, size), generator=generator, device=device)
     timesteps = sample_timesteps(config.timestep_sampling, global_size, num_timesteps, generator, device)
     flips = torch.rand(global_size, generator=generator, device=device) < 0.5
     return noise, timesteps, flips
@@ -131,18 +132,6 @@ def sample_images(config, model, noise_scheduler, num_images, seed):
                       generator=generator, output_type="np").images
     model.train()
     return torch.from_numpy(images).permute(0, 3, 1, 2).float()  # NHWC -> NCHW
-
-
-def log_samples(accelerator, images, step):
-    """Send a sample grid to the trackers that show images."""
-    grid = grid_tensor(images)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", grid, step)
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"samples": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -202,7 +191,7 @@ def preflight(config, overwrite):
 # One step, the clock, and what comes between steps
 # ------------------------------------------------------------------------------------------------------------
 
-def training_step(config, accelerator, state, noise_scheduler, images, batch, micro_step):
+def training_step(config, accelerator, state, noise_scheduler, pixels, batch, micro_step):
     """One micro-step (forward, backward, clipped update under accumulation); returns the global batch's loss sum."""
     device, model = accelerator.device, state.model
     with accelerator.accumulate(model):
@@ -210,7 +199,7 @@ def training_step(config, accelerator, state, noise_scheduler, images, batch, mi
                                                           config.ddpm_num_steps, device)
         part = slice(batch.start, batch.start + len(batch.indices))  # this process's share
         noise, timesteps = noise[part], timesteps[part]
-        clean = to_model_input(images[batch.indices], flip=flips[part] if config.random_flip else None)
+        clean = pixels_to_model_input(pixels, flip=flips[part] if config.random_flip else None)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # q(x_t | x_0), eq. (4)
         target = training_target(config.prediction_type, noise_scheduler, clean, noise, timesteps)
         prediction = model(noisy, timesteps).sample
@@ -237,7 +226,17 @@ def periodic_work(config, accelerator, state, noise_scheduler, max_train_steps):
     if sample_now and accelerator.is_main_process:
         with ema_weights(bare_model(accelerator, state.model), state.ema) as sampling_model:
             grid = sample_images(config, sampling_model, noise_scheduler, config.eval_batch_size, config.seed)
-        log_samples(accelerator, grid, state.step)
+        trackers.log_samples(accelerator, grid, state.step)
+
+
+def publish_epoch_model(accelerator, config, state, noise_scheduler, clock, hub_target):
+    """--save_model_epochs N: publish the pipeline (and push it) after every Nth epoch, as the example does."""
+    epoch = state.sampler.epoch + 1  # the epoch just finished, counted from 1
+    if state.sampler.position == len(state.sampler) and epoch % config.save_model_epochs == 0 and \
+            accelerator.is_main_process:
+        publish_pipeline(accelerator, config, state, noise_scheduler, clock.seconds())
+        if hub_target is not None:
+            hub.upload_or_warn(hub.HfApi(), hub_target, config.output_dir, f"Epoch {epoch}")
 
 
 def stop_diverged(accelerator, config, step, loss):
@@ -277,18 +276,23 @@ def publish_pipeline(accelerator, config, state, noise_scheduler, session_second
 # The run, top to bottom
 # ------------------------------------------------------------------------------------------------------------
 
-def train(config, overwrite=False):
-    """Check everything, then run the training loop and publish the pipeline."""
+def train(config, options):
+    """Check everything, then run the training loop and publish the pipeline (and push it with --push_to_hub)."""
+    hub_target, overwrite = check_run_options(config, options), options.overwrite_output_dir
+    data = open_training_data(config)  # finds the data and fits the U-Net to it: resume compares the result
     resume_path, skipped, checkpoints_seen = preflight(config, overwrite)
     threads, why = configure_threads()
     model, noise_scheduler = build_models(config)
-    images, _ = load_fashion_mnist("train", config.data_dir)
+    speed_and_memory_options(model, config, options)  # before the memory check: gradient checkpointing needs less
     accelerator = Accelerator(
         cpu=launched_on_cpus_only(), mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if config.logger == "none" else config.logger,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"))
-    check_batch_sizes(config, len(images), accelerator.num_processes)
+        log_with=trackers.log_with(config.logger), project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=trackers.logging_path(config.output_dir, config.logging_dir)))
+    check_batch_sizes(config, data.num_images, accelerator.num_processes)
+    how = data.load(config, accelerator.device, accelerator.num_processes)  # decodes every image: a bad one stops here
+    if not data.is_fashion_mnist:
+        accelerator.print(f"data: {data.description}, {how}")
     if config.mixed_precision == "bf16" and not has_fast_bf16(accelerator.device):
         accelerator.print(f"note: this {accelerator.device.type} has no native bf16, so mixed_precision=bf16 may train "
                           "slower than --mixed_precision no")
@@ -296,10 +300,11 @@ def train(config, overwrite=False):
                  f"a training step of train_batch_size {config.train_batch_size}", "--train_batch_size")
     check_memory(measure_unet_bytes(model, config.eval_batch_size), accelerator.device,
                  f"a sample grid of eval_batch_size {config.eval_batch_size}", "--eval_batch_size")
+    hub_target = hub.create_repo_on_main(accelerator, hub_target)  # the last check, and the only one on the network
     created = not Path(config.output_dir).exists()
     lock = open_run_folder(accelerator, config, checkpoints_seen, skipped, overwrite)
     try:
-        run_training(config, accelerator, model, noise_scheduler, images, resume_path, (threads, why))
+        run_training(config, accelerator, model, noise_scheduler, data, resume_path, (threads, why), hub_target)
     except BaseException:
         if lock is not None and created:
             run_dir.remove_if_nothing_saved(config.output_dir)  # a failed first run leaves no empty run folder
@@ -309,11 +314,10 @@ def train(config, overwrite=False):
             lock.release()
 
 
-def run_training(config, accelerator, model, noise_scheduler, images, resume_path, threads):
+def run_training(config, accelerator, model, noise_scheduler, data, resume_path, threads, hub_target):
     """The training loop proper, in a run folder that is checked, locked and ours."""
     device = accelerator.device
-    images = images.to(device)  # the whole split lives on the device: a batch is one indexing op
-    sampler = ShardedBatchSampler(len(images), config.train_batch_size, seed=config.seed,
+    sampler = ShardedBatchSampler(data.num_images, config.train_batch_size, seed=config.seed,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
     max_train_steps = config.max_train_steps or math.ceil(
         config.num_epochs * len(sampler) / config.gradient_accumulation_steps)
@@ -346,8 +350,8 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
         micro_step = state.step * config.gradient_accumulation_steps
         model.train()
         while state.step < max_train_steps:
-            for batch in sampler:
-                step_loss += training_step(config, accelerator, state, noise_scheduler, images, batch,
+            for batch, pixels in data.batches(sampler, device):
+                step_loss += training_step(config, accelerator, state, noise_scheduler, pixels, batch,
                                            micro_step) / batch.global_size
                 micro_step, step_images = micro_step + 1, step_images + batch.global_size
                 if not accelerator.sync_gradients:
@@ -373,6 +377,8 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
                     bar.write(expected)
                 step_loss, step_images = 0.0, 0
                 periodic_work(config, accelerator, state, noise_scheduler, max_train_steps)
+                if config.save_model_epochs and state.step < max_train_steps:
+                    publish_epoch_model(accelerator, config, state, noise_scheduler, clock, hub_target)
                 if state.step >= max_train_steps:
                     break
 
@@ -382,6 +388,8 @@ def run_training(config, accelerator, model, noise_scheduler, images, resume_pat
         publish_pipeline(accelerator, config, state, noise_scheduler, clock.seconds())
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if hub_target is not None and accelerator.is_main_process:
+        hub.upload(hub.HfApi(), hub_target, config.output_dir, f"End of training, step {state.step}")
     accelerator.print(clock.done_line(state.step, state.progress, config.output_dir))
 
 
@@ -405,7 +413,7 @@ def main(argv=None):
             print(config_to_yaml(config), end="")
             return 0
         with stop_signals_as_interrupts():  # `accelerate launch` answers Ctrl-C with SIGTERM
-            train(config, options.overwrite_output_dir)
+            train(config, options)
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ Where the data comes from, first match wins:
 Training never touches PIL: the split is one uint8 tensor (47 MB for train, kept on the training device), a batch
 is one indexing op, and `to_model_input` pads, flips and scales the whole batch at once. Batch order comes from
 `ShardedBatchSampler`, which splits each global batch across processes and resumes mid-epoch from three numbers.
+Other datasets (an image folder, a `datasets` dataset) are ddpm_fashion/image_datasets.py's.
 """
 
 import gzip
@@ -184,8 +185,8 @@ class FoundSplit(NamedTuple):
     source: str = ""
 
 
-def _locate(split: str, data_dir: Optional[str]) -> FoundSplit:
-    """Find a split: its IDX file pair, or a `datasets.Dataset` (saved to disk or from the Hub)."""
+def _locate(split: str, data_dir: Optional[str], cache_dir: Optional[str] = None) -> FoundSplit:
+    """Find a split: its IDX file pair, or a `datasets.Dataset` (saved to disk, or from the Hub into cache_dir)."""
     _check_split(split)
     if data_dir is not None:
         folder = Path(data_dir)
@@ -211,15 +212,18 @@ def _locate(split: str, data_dir: Optional[str]) -> FoundSplit:
     import datasets
 
     try:
-        return FoundSplit(dataset=datasets.load_dataset(HUB_DATASET_ID, split=split), source=HUB_DATASET_ID)
+        return FoundSplit(dataset=datasets.load_dataset(HUB_DATASET_ID, split=split, cache_dir=cache_dir),
+                          source=HUB_DATASET_ID)
     except Exception as error:  # any failure here (no network, no such repo) means the third way failed too
         raise FileNotFoundError(f"FashionMNIST not found in {DEBIAN_DIR} and the Hub failed "
                                 f"({type(error).__name__}: {error}); {HOW_TO_GET_THE_DATA}") from error
 
 
-def load_fashion_mnist(split: str = "train", data_dir: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Get a whole FashionMNIST split as uint8 images [N, 28, 28] and int64 labels [N]."""
-    found = _locate(split, data_dir)
+def load_fashion_mnist(split: str = "train", data_dir: Optional[str] = None,
+                       cache_dir: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Get a whole FashionMNIST split as uint8 images [N, 28, 28] and int64 labels [N] (a Hub download goes to
+    the `datasets` cache, or cache_dir)."""
+    found = _locate(split, data_dir, cache_dir)
     if found.dataset is None:
         images, labels = _read_idx_split(found.images_path, found.labels_path)
     else:
@@ -269,14 +273,21 @@ def to_model_input(images: torch.Tensor, flip: Optional[torch.Tensor] = None) ->
                          f"{list(images.shape)}")
     # Pad rather than resize: every FashionMNIST pixel reaches the model unchanged.
     padded = F.pad(images, (PADDING,) * 4, value=BACKGROUND)  # [B, 32, 32], still uint8 (4x less to move)
+    return pixels_to_model_input(padded.unsqueeze(1), flip)  # [B, 1, 32, 32]
+
+
+def pixels_to_model_input(pixels: torch.Tensor, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Turn uint8 pixels [B, C, H, W] into model input in [-1, 1], mirroring the images `flip` (bool [B]) chooses."""
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4:
+        raise ValueError(f"pixels must be uint8 [B, C, H, W], got {pixels.dtype} {list(pixels.shape)}")
     if flip is not None:
-        if flip.dtype != torch.bool or tuple(flip.shape) != (len(images),):
-            raise ValueError(f"flip must be bool [{len(images)}] (True mirrors that image), got {flip.dtype} "
+        if flip.dtype != torch.bool or tuple(flip.shape) != (len(pixels),):
+            raise ValueError(f"flip must be bool [{len(pixels)}] (True mirrors that image), got {flip.dtype} "
                              f"{list(flip.shape)}")
-        flip = flip.to(images.device, non_blocking=True)
-        padded = torch.where(flip[:, None, None], padded.flip(-1), padded)
+        flip = flip.to(pixels.device, non_blocking=True)
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
     # The same operations as torchvision's ToTensor then Normalize([0.5], [0.5]), so results match bit for bit.
-    return padded.unsqueeze(1).float().div_(255).sub_(0.5).div_(0.5)  # [B, 1, 32, 32]
+    return pixels.float().div_(255).sub_(0.5).div_(0.5)
 
 
 def crop_to_28(x: torch.Tensor) -> torch.Tensor:

@@ -223,14 +223,16 @@ def hub_style_dataset(images, labels):
 def test_hub_is_the_last_resort(monkeypatch, hub_online, known_arrays):
     asked = []
 
-    def fake_load_dataset(name, split):
-        asked.append((name, split))
+    def fake_load_dataset(name, split, cache_dir):
+        asked.append((name, split, cache_dir))
         return hub_style_dataset(*known_arrays[split])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert_split_equals(load_fashion_mnist("test"), known_arrays["test"])
     dataset = fashion_mnist_dataset("test")
-    assert asked == [(data.HUB_DATASET_ID, "test")] * 2
+    assert asked == [(data.HUB_DATASET_ID, "test", None)] * 2
+    load_fashion_mnist("train", cache_dir="/the/trainers/--cache_dir")  # diffusers' --cache_dir: where a download goes
+    assert asked[-1] == (data.HUB_DATASET_ID, "train", "/the/trainers/--cache_dir")
     assert dataset.features["label"].names == list(CLASS_NAMES)
     assert dataset["label"] == known_arrays["test"][1].tolist()
 

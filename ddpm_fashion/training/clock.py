@@ -2,6 +2,8 @@
 
 import time
 
+import torch
+
 
 class Clock:
     """The session's timing: img/s so far, the first step apart (torch.compile compiles in it), the time left."""
@@ -45,4 +47,11 @@ class Clock:
         return (f"done: {step} steps, {progress['images_seen']} images seen, {wall:.0f} s this session, "
                 f"{(progress['images_seen'] - self.start_images) / max(wall, 1e-9):.1f} img/s "
                 f"({(progress['images_seen'] - first_images) / max(wall - first_seconds, 1e-9):.1f} after the first "
-                f"step, which took {first_seconds:.1f} s); pipeline in {output_dir}")
+                f"step, which took {first_seconds:.1f} s){peak_gpu_memory()}; pipeline in {output_dir}")
+
+
+def peak_gpu_memory() -> str:
+    """Get ", peak GPU memory X GiB" (the most this process's tensors held on its GPU), or "" without CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 
 from ddpm_fashion.guards.inputs import MAX_SEED, check_finite, check_int
 from ddpm_fashion.models.unet import check_unet_kwargs
+from ddpm_fashion.training.run_options import RUN_OPTIONS, add_run_options, load_model_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "fashion_mnist.yaml"
@@ -25,7 +26,11 @@ CPU_CONFIG = CONFIG_DIR / "cpu.yaml"
 # What a checkpoint's weights, optimizer state and batch order were made for: a resumed run must keep these, and its
 # global batch (processes x train_batch_size; the trainer checks that, as the process count may change).
 RESUME_FIXED_KEYS = ("unet", "gradient_accumulation_steps", "seed", "random_flip", "use_ema", "ddpm_num_steps",
-                     "ddpm_beta_schedule", "prediction_type")
+                     "ddpm_beta_schedule", "prediction_type", "train_data_dir", "dataset_name", "dataset_config_name",
+                     "center_crop")
+# The U-Net keys that must fit the data: for an image folder or a `datasets` dataset they follow it unless given with
+# --unet.KEY (the defaults' and shipped configs' values describe FashionMNIST).
+DATA_SHAPE_KEYS = ("sample_size", "in_channels", "out_channels")
 UNET_OVERRIDE_PREFIX = "--unet."
 # The words YAML reads as null (and Python's None): command-line values are read like YAML, so these give None.
 NULL_WORDS = ("null", "Null", "NULL", "~", "None")
@@ -47,6 +52,14 @@ class TrainConfig:
     # Data: a folder with the FashionMNIST IDX files (default: Debian package, then the Hub).
     data_dir: Optional[str] = None
     random_flip: bool = True
+    # Other data instead (ddpm_fashion/image_datasets.py): an image folder, or a `datasets` name / save_to_disk folder.
+    train_data_dir: Optional[str] = None
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    cache_dir: Optional[str] = None  # the `datasets` cache
+    resolution: Optional[int] = None  # null: --unet.sample_size, else the first image's shorter side (rounded up)
+    center_crop: bool = False  # else a random crop, drawn from the seed
+    dataloader_num_workers: int = 0  # processes that decode images (0: the training process)
 
     # Optimisation.
     train_batch_size: int = 128
@@ -80,7 +93,12 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     save_images_epochs: int = 1
     save_images_steps: Optional[int] = None  # sample every N steps instead of every N epochs
-    logger: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    save_model_epochs: Optional[int] = None  # also publish (and push) the pipeline every N epochs; null: at the end
+    # An Accelerate tracker (trackers.TRACKERS) or none; logging_dir is relative to output_dir (or absolute).
+    logger: Literal["tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio",
+                    "none"] = "tensorboard"
+    logging_dir: str = "logs"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, same numbers
     seed: int = 0
 
     # The diffusion process and the models.
@@ -159,7 +177,7 @@ def check_values(config: TrainConfig) -> None:
     for name in at_least_one:
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in ["max_train_steps", "checkpoints_total_limit", "save_images_steps"]:
+    for name in ["max_train_steps", "checkpoints_total_limit", "save_images_steps", "save_model_epochs"]:
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1 (or null), got {getattr(config, name)}")
     for f in dataclasses.fields(config):
@@ -272,7 +290,7 @@ def split_unet_overrides(argv: list) -> tuple:
 def valid_options() -> str:
     """The command-line options, for error messages."""
     keys = ", ".join(f"--{k}" for k in valid_keys() if k != "unet")
-    return f"--config, --dry_run, --overwrite_output_dir, --unet.KEY, {keys}"
+    return f"--config, {', '.join(RUN_OPTIONS)}, --unet.KEY, {keys}"
 
 
 def or_null(convert):
@@ -313,24 +331,31 @@ def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CON
 
     Returns (TrainConfig, run options, config_given), config_given saying whether --config was on the command line.
     The run options say how to run, not what to train, so they are not saved with the config: `dry_run` (print the
-    config, train nothing) and `overwrite_output_dir` (train a new run over an earlier one in output_dir).
+    config, train nothing), `overwrite_output_dir` (train a new run over an earlier one in output_dir) and the other
+    options of diffusers' train_unconditional.py that say how to run (run_options.py: the Hub token among them).
     """
     launcher = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     launcher.add_argument("--config", default=None)
     launcher.add_argument("--dry_run", "--dry-run", action="store_true")
     launcher.add_argument("--overwrite_output_dir", action="store_true")
+    add_run_options(launcher)  # train_unconditional.py's options that say how to run (run_options.py)
     known, rest = launcher.parse_known_args(argv)
     path = Path(known.config or default_config)
     file_values = check_file_types(read_yaml(path), path)
     rest, unet_overrides = split_unet_overrides(rest)
 
     parser = ConfigArgumentParser(TrainConfig, allow_abbrev=False)
-    unet = {**default_unet_config(), **file_values.pop("unet", {}), **unet_overrides}
+    file_unet = file_values.pop("unet", {})
+    if known.model_config_name_or_path is not None:  # a UNet2DModel config replaces the file's unet block
+        file_unet = load_model_config(known.model_config_name_or_path)
+    unet = {**default_unet_config(), **file_unet, **unet_overrides}
     parser.set_defaults(**file_values, unet=unet)
     config, unknown = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False,
                                                          return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; valid options: {valid_options()}")
+    if config.train_data_dir is not None or config.dataset_name is not None:
+        config.unet = {k: v for k, v in config.unet.items() if k not in DATA_SHAPE_KEYS or k in unet_overrides}
     return config, known, known.config is not None
 
 
@@ -348,7 +373,7 @@ def with_new_keys_at_defaults(saved: dict) -> dict:
 
 def resume_differences(saved: dict, config: TrainConfig) -> list:
     """Get 'key: saved -> new' for each RESUME_FIXED_KEYS value that differs from a checkpoint's saved config."""
-    differences = []
+    differences, saved = [], with_new_keys_at_defaults(saved)  # a key the checkpoint predates had its default
     for key in RESUME_FIXED_KEYS:
         old, new = saved.get(key), getattr(config, key)
         if key == "unet":  # compared with UNet2DModel's defaults filled in: an omitted default is no change

@@ -18,14 +18,11 @@ tags:
 - unconditional-image-generation
 - diffusion-models-class
 - ddpm
-- fashion-mnist
-datasets:
-- zalando-datasets/fashion_mnist
----
+{data_metadata}---
 
-# DDPM trained on FashionMNIST
+# DDPM trained on {data_name}
 
-An unconditional DDPM (Ho et al. 2020) trained on FashionMNIST (28×28 grey, padded to 32×32) with
+An unconditional DDPM (Ho et al. 2020) trained on {data_description} with
 ddpm_fashion's `train_accelerate.py`. The folder is a standard diffusers `DDPMPipeline`.
 
 ![samples](samples.png)
@@ -68,6 +65,24 @@ def describe_training_time(train_seconds: Optional[float], session_seconds: floa
     return f"{train_seconds:.0f} s"
 
 
+def describe_data(config) -> dict:
+    """Get the model card's words for the training data: its name, a description with the image shape, the metadata."""
+    size, channels = config.unet["sample_size"], config.unet["in_channels"]
+    shape = f"{size}×{size} {'grey' if channels == 1 else 'RGB' if channels == 3 else f'{channels}-channel'}"
+    if config.train_data_dir:
+        name = Path(config.train_data_dir).name
+        return {"data_name": name, "data_description": f"the image folder `{name}` (resized to {shape})",
+                "data_metadata": ""}
+    if config.dataset_name:
+        name = config.dataset_name
+        on_hub = not Path(name).exists()  # a save_to_disk folder is no Hub dataset to link
+        return {"data_name": Path(name).name if not on_hub else name,
+                "data_description": f"the `datasets` dataset `{name}` (resized to {shape})",
+                "data_metadata": f"datasets:\n- {name}\n" if on_hub else ""}
+    return {"data_name": "FashionMNIST", "data_description": "FashionMNIST (28×28 grey, padded to 32×32)",
+            "data_metadata": "- fashion-mnist\ndatasets:\n- zalando-datasets/fashion_mnist\n"}
+
+
 def write_model_card(path: Path, *, config, config_yaml: str, steps: int, images_seen: int, losses: list,
                      train_seconds: Optional[float], session_seconds: float, world_size: int) -> None:
     """Write the model card README.md of a published pipeline."""
@@ -76,7 +91,7 @@ def write_model_card(path: Path, *, config, config_yaml: str, steps: int, images
         output_dir=config.output_dir, inference_steps=config.ddpm_num_inference_steps, steps=steps,
         images_seen=images_seen, final_loss=final_loss, world_size=world_size,
         training_time=describe_training_time(train_seconds, session_seconds),
-        batch_size=config.train_batch_size, use_ema=config.use_ema, config_yaml=config_yaml))
+        batch_size=config.train_batch_size, use_ema=config.use_ema, config_yaml=config_yaml, **describe_data(config)))
 
 
 def plot_loss(path: Path, losses: list) -> None:

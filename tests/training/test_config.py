@@ -33,7 +33,8 @@ def optional_keys():
     ("max_train_steps: 1.5", "max_train_steps must be an integer or null, got 1.5"),
     ("random_flip: 3", "random_flip must be true or false, got 3"),
     ("output_dir: 5", "output_dir must be a string, got 5"),
-    ("logger: tensorbored", "logger='tensorbored' is not allowed; choose one of ['tensorboard', 'wandb', 'none']"),
+    ("logger: tensorbored", "logger='tensorbored' is not allowed; choose one of ['tensorboard', 'wandb', 'comet_ml', "
+                            "'mlflow', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio', 'none']"),
     ("mixed_precision: fp8", "mixed_precision='fp8' is not allowed; choose one of ['no', 'fp16', 'bf16', 'auto']"),
     ("learning_rate: fast", "learning_rate must be a number, got 'fast'"),
 ])
