@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers import DDPMScheduler as LibraryDDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -48,6 +48,7 @@ from ddpm_fashion.training.launch import (
     launched_on_cpus_only,
     resolve_mixed_precision,
     stop_signals_as_interrupts,
+    why_this_precision,
 )
 from ddpm_fashion.training.model_card import plot_loss, write_model_card
 from ddpm_fashion.training.objective import loss_weights, sample_timesteps, training_target
@@ -168,10 +169,12 @@ def check_batch_sizes(config, num_images, world_size):
 
 
 def preflight(config, overwrite):
-    """Every start-up check that reads only; get the checkpoint to resume (or None), what `latest` skipped, and the
-    checkpoints found (open_run_folder proves none appeared meanwhile). Nothing is written before these pass."""
+    """Every start-up check that reads only; get the checkpoint to resume (or None), what `latest` skipped, the
+    checkpoints found (open_run_folder proves none appeared meanwhile) and why the precision is what it is. Nothing is
+    written before these pass."""
     state = PartialState(cpu=launched_on_cpus_only())
     check_launcher(state.num_processes)
+    precision_why = why_this_precision(config.mixed_precision, has_fast_bf16(state.device))
     config.mixed_precision = resolve_mixed_precision(config.mixed_precision, has_fast_bf16(state.device))
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
@@ -184,7 +187,7 @@ def preflight(config, overwrite):
     resume_path, skipped = run_dir.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
         check_resume(config, resume_path, state.num_processes)
-    return resume_path, skipped, checkpoints_seen
+    return resume_path, skipped, checkpoints_seen, precision_why
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -216,10 +219,21 @@ def training_step(config, accelerator, state, noise_scheduler, pixels, batch, mi
     return accelerator.reduce(per_sample.detach().sum(), "sum").item()
 
 
-def periodic_work(config, accelerator, state, noise_scheduler, max_train_steps):
-    """After an optimizer step: a checkpoint and a sample grid when they are due."""
-    if state.step % config.checkpointing_steps == 0 or state.step == max_train_steps:
+def main_process_decides(accelerator, flag):
+    """Get the main process's flag on every process: their clocks differ, and a checkpoint needs them all."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(broadcast(torch.tensor([flag], dtype=torch.uint8, device=accelerator.device), from_process=0).item())
+
+
+def periodic_work(config, accelerator, state, noise_scheduler, max_train_steps, clock):
+    """After an optimizer step: a checkpoint (by steps, or by time with checkpointing_minutes) and a sample grid
+    when they are due."""
+    due_by_time = config.checkpointing_minutes is not None and main_process_decides(
+        accelerator, clock.checkpoint_due(config.checkpointing_minutes))
+    if state.step % config.checkpointing_steps == 0 or state.step == max_train_steps or due_by_time:
         save_checkpoint(accelerator, config, state)
+        clock.checkpoint_saved()
     end_of_epoch = state.sampler.position == len(state.sampler)
     sample_now = (state.step % config.save_images_steps == 0) if config.save_images_steps else (
         end_of_epoch and (state.sampler.epoch + 1) % config.save_images_epochs == 0)
@@ -280,8 +294,10 @@ def train(config, options):
     """Check everything, then run the training loop and publish the pipeline (and push it with --push_to_hub)."""
     hub_target, overwrite = check_run_options(config, options), options.overwrite_output_dir
     data = open_training_data(config)  # finds the data and fits the U-Net to it: resume compares the result
-    resume_path, skipped, checkpoints_seen = preflight(config, overwrite)
+    resume_path, skipped, checkpoints_seen, precision_why = preflight(config, overwrite)
     threads, why = configure_threads()
+    how_it_runs = (f"{threads} torch threads per process ({why}), mixed precision {config.mixed_precision} "
+                   f"({precision_why})")
     model, noise_scheduler = build_models(config)
     speed_and_memory_options(model, config, options)  # before the memory check: gradient checkpointing needs less
     accelerator = Accelerator(
@@ -304,7 +320,7 @@ def train(config, options):
     created = not Path(config.output_dir).exists()
     lock = open_run_folder(accelerator, config, checkpoints_seen, skipped, overwrite)
     try:
-        run_training(config, accelerator, model, noise_scheduler, data, resume_path, (threads, why), hub_target)
+        run_training(config, accelerator, model, noise_scheduler, data, resume_path, how_it_runs, hub_target)
     except BaseException:
         if lock is not None and created:
             run_dir.remove_if_nothing_saved(config.output_dir)  # a failed first run leaves no empty run folder
@@ -314,7 +330,7 @@ def train(config, options):
             lock.release()
 
 
-def run_training(config, accelerator, model, noise_scheduler, data, resume_path, threads, hub_target):
+def run_training(config, accelerator, model, noise_scheduler, data, resume_path, how_it_runs, hub_target):
     """The training loop proper, in a run folder that is checked, locked and ours."""
     device = accelerator.device
     sampler = ShardedBatchSampler(data.num_images, config.train_batch_size, seed=config.seed,
@@ -340,8 +356,7 @@ def run_training(config, accelerator, model, noise_scheduler, data, resume_path,
     elif config.resume_from_checkpoint == "latest":
         accelerator.print("no checkpoint found in output_dir; starting a new run")
     accelerator.print(f"training to step {max_train_steps} with {accelerator.num_processes} process(es) on "
-                      f"{device.type}, {threads[0]} torch threads per process ({threads[1]}), mixed precision "
-                      f"{config.mixed_precision}; output_dir {config.output_dir}")
+                      f"{device.type}, {how_it_runs}; output_dir {config.output_dir}")
 
     # The bar closes before any error propagates, so an error or Ctrl-C message is the last line printed.
     with tqdm(total=max_train_steps, initial=state.step, disable=not accelerator.is_main_process,
@@ -374,9 +389,9 @@ def run_training(config, accelerator, model, noise_scheduler, data, resume_path,
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_s:.0f}")
                 expected = clock.expected_duration(max_train_steps - state.step)
                 if expected and accelerator.is_main_process:
-                    bar.write(expected)
+                    bar.write(f"{expected} ({how_it_runs})")
                 step_loss, step_images = 0.0, 0
-                periodic_work(config, accelerator, state, noise_scheduler, max_train_steps)
+                periodic_work(config, accelerator, state, noise_scheduler, max_train_steps, clock)
                 if config.save_model_epochs and state.step < max_train_steps:
                     publish_epoch_model(accelerator, config, state, noise_scheduler, clock, hub_target)
                 if state.step >= max_train_steps:

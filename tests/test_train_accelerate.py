@@ -3,6 +3,7 @@ torch.compile, and what it reports. Checkpoints and resume: tests/training/test_
 tests/training/test_run_dir.py."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -58,10 +59,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tr
     if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
         pytest.skip("torchrun is not installed beside this Python")
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    common = ["--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 100]
+    # checkpointing_minutes this small makes a checkpoint due after every step: rank 0's clock decides for both
+    # processes (their clocks differ; had each decided alone, one would wait in save_state for the other forever).
+    common = ["--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 100,
+              "--checkpointing_minutes", 1e-6]
     train_in_process(tmp_path / "one", train_data_dir, *common, "--train_batch_size", 16)
     run_training(tmp_path / "two", train_data_dir, *common, "--train_batch_size", 8,
                  launcher=(torchrun, "--nproc_per_node", "2", "--master_port", "29517"))
+    for run in ("one", "two"):  # steps 1-3 by time, 4 by steps; smoke.yaml keeps the last 2
+        assert sorted(os.listdir(tmp_path / run / "checkpoints")) == ["checkpoint-3", "checkpoint-4"]
     assert trainer_state(tmp_path / "two", 4)["losses"] == pytest.approx(
         trainer_state(tmp_path / "one", 4)["losses"], rel=1e-5)
     model_one, _ = checkpoint_tensors(tmp_path / "one", 4)
@@ -277,10 +283,10 @@ def test_mixed_precision_is_the_launchers_unless_the_config_sets_it(tmp_path, tr
                   "--mixed_precision", "bf16")
     common = ("--max_train_steps", 1, "--save_images_steps", 100)
     result = run_training(tmp_path / "launcher", train_data_dir, *common, launcher=accelerate)
-    assert "mixed precision bf16" in result.stdout
+    assert "mixed precision bf16 (the launcher's)" in result.stdout
     assert "mixed_precision: bf16" in (tmp_path / "launcher" / "train_config.yaml").read_text()
     result = run_training(tmp_path / "config", train_data_dir, *common, "--mixed_precision", "no", launcher=accelerate)
-    assert "mixed precision no" in result.stdout
+    assert "mixed precision no (set in the config)" in result.stdout
     assert "mixed_precision: 'no'" in (tmp_path / "config" / "train_config.yaml").read_text()
 
 

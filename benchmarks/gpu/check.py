@@ -14,7 +14,9 @@ step in a child process with its own time limit, and stops starting steps when t
  5. sample       DDPMPipeline.from_pretrained(<the fp32 run>) on the device: 64 images, 1000 steps, images/s;
  6. compare      `ddpm-fashion compare --device <device>` on that pipeline;
  7. unet_speed   benchmarks/unet_speed.py on the device (eager, then torch.compile);
- 8. suite        the whole test suite, with whatever time is left.
+ 8. gradient_checkpointing  benchmarks/gradient_checkpointing.py: img/s and peak memory with and without
+                 --gradient_checkpointing, at batch 128 and 512;
+ 9. suite        the whole test suite, with whatever time is left.
 
 `--device cpu` runs the same steps at toy sizes (configs/smoke.yaml, a few steps; one training run, ours in fp32; no
 compile, no suite): the test suite runs it, so the script cannot rot while no GPU is lent. Each step's output is in
@@ -73,7 +75,7 @@ def sample_command(args, model: Path) -> list:
 
 def plan(args, work: Path) -> list:
     """Get the check's steps as (name, command, time limit in seconds), most valuable first."""
-    gpu = args.device == "cuda"
+    gpu, out = args.device == "cuda", args.out
     steps = [("env", [sys.executable, str(Path(__file__).with_name("env_facts.py"))], 60),
              ("cuda_tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
                              "cuda or gpu", *[str(ROOT / "tests" / path) for path in CUDA_TEST_FILES]], 240)]
@@ -98,6 +100,12 @@ def plan(args, work: Path) -> list:
     steps.append(("unet_speed", unet_speed, 180))
     if gpu:
         steps.append(("unet_speed_compile", [*unet_speed, "--compile"], 300))
+    config, sizes = ("fashion_mnist.yaml", ["128", "512"]) if gpu else ("smoke.yaml", ["4"])
+    steps.append(("gradient_checkpointing", [sys.executable, str(ROOT / "benchmarks" / "gradient_checkpointing.py"),
+                                             "--config", str(ROOT / "configs" / config), "--batch_sizes", *sizes,
+                                             "--steps", "50" if gpu else "3", "--rounds", "1",
+                                             "--json", str(out / "gradient_checkpointing.json")], 240))
+    if gpu:
         steps.append(("suite", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
                                 str(ROOT / "tests")], 100_000))
     return steps
@@ -118,6 +126,8 @@ def parsed_numbers(name: str, output: str) -> dict:
         numbers.update(json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{"))))
     if counts := re.findall(r"(\d+) (passed|failed|skipped|errors?)", output):
         numbers.update({kind: int(count) for count, kind in counts})
+    if name == "gradient_checkpointing":
+        numbers["table"] = [line for line in output.splitlines() if line.startswith("batch ")]
     if name.startswith("unet_speed"):
         numbers["table"] = [line.strip() for line in output.splitlines() if line.rstrip().endswith("x")]
     return numbers

@@ -16,6 +16,7 @@ class Clock:
         self.earlier_seconds = progress["train_seconds"]  # None: resumed from a checkpoint that did not record it
         self.first_step = None  # (seconds, images seen) at the session's first step
         self.steps = 0
+        self.last_checkpoint = 0.0  # session seconds at the last checkpoint (the session's start counts as one)
 
     def seconds(self):
         """Get the seconds since the session started."""
@@ -29,6 +30,14 @@ class Clock:
         if self.earlier_seconds is not None:  # the run's training time over every session, kept in checkpoints
             progress["train_seconds"] = self.earlier_seconds + seconds
         return (progress["images_seen"] - self.start_images) / seconds
+
+    def checkpoint_due(self, minutes) -> bool:
+        """Whether `minutes` (None: never) passed since the last checkpoint of this session, or its start."""
+        return minutes is not None and self.seconds() - self.last_checkpoint >= 60 * minutes
+
+    def checkpoint_saved(self) -> None:
+        """Restart the time since the last checkpoint."""
+        self.last_checkpoint = self.seconds()
 
     def expected_duration(self, steps_left):
         """Get the line saying when the run ends, once the first steps are timed (else None)."""

@@ -89,6 +89,9 @@ class TrainConfig:
 
     # Checkpoints, samples and logging.
     checkpointing_steps: int = 500
+    # Also checkpoint once this many minutes passed since the last checkpoint (or the start), so that an interruption
+    # loses at most that much on a slow machine whatever the step count; null: by steps only.
+    checkpointing_minutes: Optional[float] = None
     checkpoints_total_limit: Optional[int] = 3
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     save_images_epochs: int = 1
@@ -195,6 +198,8 @@ def check_values(config: TrainConfig) -> None:
     for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:
         if not 0 <= getattr(config, name) < 1:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.checkpointing_minutes is not None and not config.checkpointing_minutes > 0:
+        raise ValueError(f"checkpointing_minutes must be positive (or null), got {config.checkpointing_minutes}")
     if config.lr_warmup_steps < 0 or config.adam_weight_decay < 0:
         raise ValueError("lr_warmup_steps and adam_weight_decay must not be negative")
     if config.ddpm_num_inference_steps > config.ddpm_num_steps:

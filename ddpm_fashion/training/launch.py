@@ -44,6 +44,16 @@ def resolve_mixed_precision(requested, native_bf16):
     return requested
 
 
+def why_this_precision(requested, native_bf16) -> str:
+    """Get why resolve_mixed_precision chose what it did, in a few words for the start-up line."""
+    if requested == "auto":
+        return "auto: this device runs bf16 natively" if native_bf16 else \
+            "auto: this device has no native bf16, so float32"
+    if requested is None:
+        return "the launcher's" if "ACCELERATE_MIXED_PRECISION" in os.environ else "no launcher setting: float32"
+    return "set in the config"
+
+
 class Terminated(KeyboardInterrupt):
     """The launcher told the script to stop (SIGTERM): `accelerate launch` sends it on Ctrl-C, right after the
     terminal's SIGINT, and would otherwise end the script before it says where to resume; torchrun sends it too."""

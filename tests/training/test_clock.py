@@ -49,3 +49,15 @@ def test_the_done_line_gives_img_s_with_and_without_the_first_step(fake_time):
         clock.tick(progress)
     assert clock.done_line(3, progress, "out") == ("done: 3 steps, 1300 images seen, 12 s this session, 25.0 img/s "
                                                    "(100.0 after the first step, which took 10.0 s); pipeline in out")
+
+
+def test_a_checkpoint_is_due_by_time_since_the_last_one_or_the_start(fake_time):
+    clock = Clock({"losses": [], "images_seen": 0, "train_seconds": 0.0})
+    assert not clock.checkpoint_due(None)
+    fake_time[0] += 14 * 60
+    assert not clock.checkpoint_due(15)
+    fake_time[0] += 60
+    assert clock.checkpoint_due(15) and not clock.checkpoint_due(None)
+    clock.checkpoint_saved()
+    fake_time[0] += 10 * 60
+    assert not clock.checkpoint_due(15) and clock.checkpoint_due(10)
