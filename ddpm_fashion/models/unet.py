@@ -22,39 +22,47 @@ differences of another layout grow past 1e-5. One exception, measured: at batch 
 product whose rounding depends on the weights' memory alignment, which differs between the two loaders, so the time
 embedding can differ in the last bit.
 
-Files are diffusers' unet folder layout (config.json + diffusion_pytorch_model.safetensors); loading is strict.
+The class is a diffusers ModelMixin, so loading and saving (variants, shards, safetensors or weights-only pickle,
+the Hub, dtypes, low_cpu_mem_usage), gradient checkpointing and the library's other model hooks are diffusers' own.
+What is ours about files (unet_files.py): they are written as UNet2DModel's (config `_class_name` "UNet2DModel"),
+loading is strict, and weights keep the dtype they were saved in unless a dtype is asked for.
 """
 
 import inspect
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddpm_fashion.models.unet_blocks import (
+    DOWN_BLOCKS,
+    UP_BLOCKS,
     AttentionBlock,
-    DownBlock,
-    MidBlock,
     ResnetBlock,
     TimestepMLP,
-    UpBlock,
+    UNetMidBlock2D,
     Upsample,
     fresh_silu,
     timestep_embedding,
     timesteps_for_batch,
 )
 from ddpm_fashion.models.unet_config import check_unet_config
+from ddpm_fashion.models.unet_files import (  # noqa: F401 (callers import load_strict, public_config from here)
+    CONFIG_NAME,
+    check_config,
+    check_local_folder,
+    load_strict,
+    public_config,
+    saved_tensor_specs,
+    state_dict_problems,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
-# A config.json written by either class describes the same network.
-CONFIG_CLASS_NAMES = ("UNet2DModel", "UNet")
 
 
 @dataclass
@@ -64,15 +72,18 @@ class UNetOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class UNet(nn.Module, ConfigMixin):
+class UNet(ModelMixin, ConfigMixin):
     """The DDPM denoiser: UNet2DModel's architecture and parameter names, our implementation.
 
     Takes UNet2DModel's config keys with its defaults; the options diffusers' DDPM models use are implemented and
     anything else raises ValueError at construction. Called as `model(sample, timestep)`, it returns an object
-    with `.sample`, as UNet2DModel does, so DDPMPipeline and the trainer use it unchanged.
+    with `.sample`, as UNet2DModel does, so DDPMPipeline and the trainer use it unchanged. Under the same seed a new
+    UNet draws UNet2DModel's initial weights. `enable_gradient_checkpointing()` (diffusers' ModelMixin) recomputes
+    the resnet blocks' activations in the backward pass, as in UNet2DModel.
     """
 
     config_name = CONFIG_NAME
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -120,11 +131,13 @@ class UNet(nn.Module, ConfigMixin):
             return dict(head_dim=attention_head_dim or channels, norm_groups=norm_groups, eps=norm_eps)
 
         levels = len(block_out_channels)
-        self.down_blocks = nn.ModuleList()
+        # Registered before the bottleneck, as in UNet2DModel, so that state_dict() lists the tensors in its order;
+        # the blocks are still built down, middle, up (the order their random initial weights are drawn in).
+        self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
         for i, block_type in enumerate(down_block_types):
             in_ch, out_ch = block_out_channels[max(i - 1, 0)], block_out_channels[i]
-            self.down_blocks.append(DownBlock(
-                in_ch, out_ch, layers_per_block, block_type == "AttnDownBlock2D", i < levels - 1, resnet_kwargs,
+            self.down_blocks.append(DOWN_BLOCKS[block_type](
+                in_ch, out_ch, layers_per_block, i < levels - 1, resnet_kwargs,
                 attention_kwargs(out_ch, norm_num_groups), downsample_padding))
 
         self.mid_block = None
@@ -137,16 +150,15 @@ class UNet(nn.Module, ConfigMixin):
             mid_resnet_kwargs = dict(resnet_kwargs, output_scale_factor=mid_block_scale_factor)
             mid_attention_kwargs = dict(attention_kwargs(mid_channels, mid_attn_groups),
                                         output_scale_factor=mid_block_scale_factor)
-            self.mid_block = MidBlock(mid_channels, mid_resnet_kwargs, mid_attention_kwargs, add_attention)
+            self.mid_block = UNetMidBlock2D(mid_channels, mid_resnet_kwargs, mid_attention_kwargs, add_attention)
 
         reversed_channels = list(reversed(block_out_channels))
-        self.up_blocks = nn.ModuleList()
         for i, block_type in enumerate(up_block_types):
             prev_ch, out_ch = reversed_channels[max(i - 1, 0)], reversed_channels[i]
             in_ch = reversed_channels[min(i + 1, levels - 1)]
-            self.up_blocks.append(UpBlock(
-                in_ch, prev_ch, out_ch, layers_per_block + 1, block_type == "AttnUpBlock2D", i < levels - 1,
-                resnet_kwargs, attention_kwargs(out_ch, norm_num_groups)))
+            self.up_blocks.append(UP_BLOCKS[block_type](
+                in_ch, prev_ch, out_ch, layers_per_block + 1, i < levels - 1, resnet_kwargs,
+                attention_kwargs(out_ch, norm_num_groups)))
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
@@ -164,16 +176,6 @@ class UNet(nn.Module, ConfigMixin):
             if isinstance(module, (ResnetBlock, AttentionBlock, Upsample)):
                 module.reference_mode = self._reference_mode
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """Get the dtype of the parameters."""
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Get the device of the parameters."""
-        return self.conv_in.weight.device
-
     def forward(self, sample, timestep, class_labels=None, return_dict=True):
         """Get the predicted noise (N, out_channels, H, W) for a noisy sample (N, in_channels, H, W) at timestep."""
         self._check_sample(sample)
@@ -185,7 +187,8 @@ class UNet(nn.Module, ConfigMixin):
         timesteps = timesteps_for_batch(timestep, sample.shape[0], sample.device)
         t_emb = timestep_embedding(timesteps, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
         # Every resnet block takes SiLU of the embedding; computing it once here is the same arithmetic.
-        temb_act = fresh_silu(self.time_embedding(t_emb.to(self.dtype)))
+        # The dtype of the layer it feeds, read directly: ModelMixin.dtype walks every module (about 1 ms a call).
+        temb_act = fresh_silu(self.time_embedding(t_emb.to(self.time_embedding.linear_1.weight.dtype)))
 
         if not self.reference_mode:
             # A fresh NHWC copy of the (small) input: with one channel .contiguous(channels_last) would keep NCHW
@@ -221,8 +224,9 @@ class UNet(nn.Module, ConfigMixin):
     @classmethod
     def from_diffusers(cls, unet2d) -> "UNet":
         """Get our UNet with the config, weights, dtype, device and train/eval mode of a diffusers UNet2DModel."""
-        model = cls(**public_config(unet2d.config))
-        model.to(device=unet2d.device, dtype=unet2d.dtype)
+        model = cls(**public_config(unet2d.config)).to(unet2d.device)
+        if unet2d.dtype != model.dtype:  # diffusers warns on any dtype argument to .to(), even a no-op one
+            model.to(unet2d.dtype)
         load_strict(model, unet2d.state_dict())
         return model.train(unet2d.training)
 
@@ -236,62 +240,50 @@ class UNet(nn.Module, ConfigMixin):
         load_strict(unet2d, self.state_dict())
         return unet2d.train(self.training)
 
-    def save_pretrained(self, save_directory) -> None:
-        """Write a diffusers unet folder (config.json + safetensors weights) that UNet2DModel.from_pretrained reads."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": "UNet2DModel", **public_config(self.config)}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tensors = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    def to_json_string(self) -> str:
+        """Get config.json's text, written as UNet2DModel's (plain diffusers and DDPMPipeline load it as theirs)."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = "UNet2DModel"
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_pretrained(cls, directory, subfolder=None, torch_dtype=None) -> "UNet":
-        """Read a diffusers unet folder (or a pipeline folder with subfolder="unet"); every tensor must fit exactly."""
-        folder = Path(directory) / subfolder if subfolder else Path(directory)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no such U-Net directory: {folder}")
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                hint = " (a pipeline folder? pass subfolder='unet')" if (folder / "unet").is_dir() else ""
-                raise FileNotFoundError(f"{path} is missing{hint}; a U-Net folder holds {CONFIG_NAME} and "
-                                        f"{WEIGHTS_NAME}")
-        config = json.loads(config_path.read_text())
-        class_name = config.get("_class_name", "UNet2DModel")
-        if class_name not in CONFIG_CLASS_NAMES:
-            raise ValueError(f"{config_path} describes a {class_name}; expected one of {', '.join(CONFIG_CLASS_NAMES)}")
-        unknown = sorted(set(public_config(config)) - set(inspect.signature(cls.__init__).parameters))
-        if unknown:
-            raise ValueError(f"{config_path} has keys UNet2DModel does not take: {', '.join(unknown)}")
-        state_dict = load_file(str(weights_path))
-        model = cls(**public_config(config))
-        if torch_dtype is None:
-            # Keep the dtype the weights were saved in, as long as they agree on one.
-            dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
-            torch_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        model.to(torch_dtype)
-        load_strict(model, state_dict)
-        return model.eval()
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """Build a UNet from a UNet2DModel (or UNet) config; another model's config or an unknown key is an error."""
+        if isinstance(config, dict):
+            check_config(config, inspect.signature(cls.__init__).parameters, where="the config")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "UNet":
+        """Load a diffusers unet folder or Hub repository (subfolder="unet" in a pipeline), strictly.
 
-def public_config(config) -> dict:
-    """Get the constructor arguments of a config: every key but the private ones (`_class_name`, ...)."""
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+        diffusers' ModelMixin.from_pretrained with all its options (variant, torch_dtype or dtype, low_cpu_mem_usage,
+        use_safetensors, ...). Ours beyond it: every saved tensor must fit by name and shape (a one-line ValueError
+        lists those that do not), and without a dtype the weights keep the one they were saved in.
+        """
+        check_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-
-def load_strict(model: nn.Module, state_dict) -> None:
-    """Load state_dict into model, raising a one-line ValueError on missing, unexpected or wrongly shaped tensors."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
-                         for key in set(expected) & set(state_dict) if state_dict[key].shape != expected[key].shape)
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
-    if problems:
-        raise ValueError(f"state dict does not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict(state_dict, strict=True)
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path,
+                               loaded_keys, *args, **kwargs):
+        """ModelMixin's loading step, after checking that every saved tensor fits (it would only warn)."""
+        saved = saved_tensor_specs(state_dict if state_dict is not None else resolved_model_file)
+        # A sharded checkpoint's index names its tensors; the shards' shapes and dtypes are read for those.
+        saved = {name: saved.get(name, ((), None)) for name in loaded_keys}
+        problems = state_dict_problems({name: tensor.shape for name, tensor in model.state_dict().items()},
+                                       {name: shape for name, (shape, _) in saved.items()})
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path}: the saved weights do not fit {cls.__name__}: "
+                             f"{problems}")
+        loaded = super()._load_pretrained_model(model, state_dict, resolved_model_file, pretrained_model_name_or_path,
+                                                loaded_keys, *args, **kwargs)
+        saved_dtypes = {dtype for _, dtype in saved.values() if dtype is not None}
+        if kwargs.get("dtype") is None and len(saved_dtypes) == 1:
+            # ModelMixin casts to the float32 the model was built in; casting back to the saved dtype is exact.
+            # nn.Module.to: ModelMixin.to warns on any dtype, as if some module had to stay float32 (none does here).
+            nn.Module.to(loaded[0], saved_dtypes.pop())
+        return loaded
 
 
 def check_unet_kwargs(kwargs: dict) -> dict:

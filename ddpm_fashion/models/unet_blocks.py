@@ -1,7 +1,9 @@
-"""The U-Net's building blocks: time embedding, resnet block, attention block, down/upsampler and the three block kinds.
+"""The U-Net's building blocks: time embedding, resnet block, attention block, down/upsampler and the level blocks.
 
 Each mirrors the diffusers block of the same job, with UNet2DModel's parameter names and shapes, and runs the same
 arithmetic in the layouts unet.py's docstring explains (channels-last by default, UNet2DModel's in reference mode).
+The level blocks carry diffusers' class names (DownBlock2D, AttnDownBlock2D, UNetMidBlock2D, UpBlock2D, AttnUpBlock2D):
+diffusers' tests and tools find the blocks that checkpoint gradients by those names.
 """
 
 import math
@@ -125,15 +127,19 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels, head_dim, norm_groups, eps, output_scale_factor=1.0):
         super().__init__()
-        if channels % head_dim:
-            raise ValueError(f"attention_head_dim={head_dim} must divide the {channels} channels of an attention block")
-        self.heads = channels // head_dim
+        # UNet2DModel's rule: as many whole heads of head_dim as fit in the channels. When head_dim does not divide
+        # them, the heads span a narrower inner width (heads * head_dim) that to_out projects back from.
+        self.heads, self.head_dim = channels // head_dim, head_dim
+        if self.heads < 1:
+            raise ValueError(f"attention_head_dim={head_dim} is wider than the {channels} channels of an attention "
+                             f"block: no head fits")
+        inner = self.heads * head_dim
         self.output_scale_factor = output_scale_factor
         self.group_norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups is not None else None
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only for UNet2DModel's key `to_out.0`
+        self.to_q = nn.Linear(channels, inner)
+        self.to_k = nn.Linear(channels, inner)
+        self.to_v = nn.Linear(channels, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, channels)])  # a list only for UNet2DModel's key `to_out.0`
         self.reference_mode = False  # set by UNet.reference_mode
 
     def forward(self, x):
@@ -145,10 +151,11 @@ class AttentionBlock(nn.Module):
         tokens = h.permute(0, 2, 3, 1).reshape(n, height * width, c)  # (N, HW, C), a view of channels-last memory
         weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
         bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        qkv = F.linear(tokens, weight, bias).view(n, height * width, 3, self.heads, c // self.heads)
+        qkv = F.linear(tokens, weight, bias).view(n, height * width, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, HW, head_dim)
         attended = attention(q, k, v)  # (N, heads, HW, head_dim)
-        attended = self.to_out[0](attended.transpose(1, 2).reshape(n, height * width, c))  # (N, HW, C)
+        inner = self.heads * self.head_dim
+        attended = self.to_out[0](attended.transpose(1, 2).reshape(n, height * width, inner))  # (N, HW, C)
         out = attended.view(n, height, width, c).permute(0, 3, 1, 2) + x  # (N, C, H, W), channels-last again
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
@@ -158,11 +165,10 @@ class AttentionBlock(nn.Module):
         tokens = x.view(n, c, height * width).transpose(1, 2)  # (N, HW, C), whatever x's layout
         if self.group_norm is not None:
             tokens = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2)  # normalised over the (N, C, HW) view
-        head_dim = c // self.heads
-        q, k, v = (projection(tokens).view(n, -1, self.heads, head_dim).transpose(1, 2)
+        q, k, v = (projection(tokens).view(n, -1, self.heads, self.head_dim).transpose(1, 2)
                    for projection in (self.to_q, self.to_k, self.to_v))  # each (N, heads, HW, head_dim)
         attended = F.scaled_dot_product_attention(q, k, v)
-        attended = self.to_out[0](attended.transpose(1, 2).reshape(n, -1, c))  # (N, HW, C)
+        attended = self.to_out[0](attended.transpose(1, 2).reshape(n, -1, self.heads * self.head_dim))  # (N, HW, C)
         out = attended.transpose(-1, -2).reshape(n, c, height, width) + x  # channels-last, as in UNet2DModel
         return out / self.output_scale_factor
 
@@ -216,26 +222,51 @@ class Upsample(nn.Module):
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 
-class DownBlock(nn.Module):
+class CheckpointedBlock(nn.Module):
+    """A U-Net level whose resnet blocks can recompute their activations in the backward pass instead of storing them.
+
+    diffusers' ModelMixin.enable_gradient_checkpointing() sets `gradient_checkpointing` and
+    `_gradient_checkpointing_func` on every module that has the attribute, as in UNet2DModel's blocks; like them,
+    only the resnet blocks are checkpointed (they hold most of the activations).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
+
+    def run_resnet(self, resnet, x, temb_act):
+        """Get resnet(x, temb_act), checkpointed when enabled and autograd is recording."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(resnet, x, temb_act)
+        return resnet(x, temb_act)
+
+
+class DownBlock2D(CheckpointedBlock):
     """One encoder level: resnet blocks (each followed by attention in AttnDownBlock2D), then a downsampler."""
 
-    def __init__(self, in_channels, out_channels, num_layers, with_attention, add_downsample, resnet_kwargs,
-                 attention_kwargs, downsample_padding):
+    with_attention = False
+
+    def __init__(self, in_channels, out_channels, num_layers, add_downsample, resnet_kwargs, attention_kwargs,
+                 downsample_padding):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, **resnet_kwargs)
-            for i in range(num_layers))
-        if with_attention:
-            self.attentions = nn.ModuleList(AttentionBlock(out_channels, **attention_kwargs) for _ in range(num_layers))
-        else:
-            self.attentions = None
+        # Built in UNet2DModel's order (resnet, then its attention, layer by layer), so that under the same seed
+        # the random initial weights are UNet2DModel's.
+        resnets, attentions = nn.ModuleList(), nn.ModuleList()
+        for i in range(num_layers):
+            resnets.append(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, **resnet_kwargs))
+            if self.with_attention:
+                attentions.append(AttentionBlock(out_channels, **attention_kwargs))
+        # Registered in UNet2DModel's order too, so that state_dict() lists the tensors as UNet2DModel's does.
+        self.attentions = attentions if self.with_attention else None
+        self.resnets = resnets
         self.downsamplers = nn.ModuleList([Downsample(out_channels, downsample_padding)]) if add_downsample else None
 
     def forward(self, x, temb_act):
         """Get the level's output and the activations it hands to the decoder's skip connections."""
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_act)
+            x = self.run_resnet(resnet, x, temb_act)
             if self.attentions is not None:
                 x = self.attentions[i](x)
             skips.append(x)
@@ -245,47 +276,70 @@ class DownBlock(nn.Module):
         return x, skips
 
 
-class MidBlock(nn.Module):
+class AttnDownBlock2D(DownBlock2D):
+    """DownBlock2D with self-attention after every resnet block."""
+
+    with_attention = True
+
+
+class UNetMidBlock2D(CheckpointedBlock):
     """The bottleneck: a resnet block, then (attention, resnet block)."""
 
     def __init__(self, channels, resnet_kwargs, attention_kwargs, add_attention):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, **resnet_kwargs) for _ in range(2))
-        self.attentions = nn.ModuleList([AttentionBlock(channels, **attention_kwargs)]) if add_attention else None
+        # UNet2DModel's construction order (see DownBlock2D): resnet, attention, resnet.
+        resnets = nn.ModuleList([ResnetBlock(channels, channels, **resnet_kwargs)])
+        attentions = nn.ModuleList([AttentionBlock(channels, **attention_kwargs)]) if add_attention else None
+        resnets.append(ResnetBlock(channels, channels, **resnet_kwargs))
+        self.attentions = attentions
+        self.resnets = resnets
 
     def forward(self, x, temb_act):
         """Get the bottleneck's output."""
-        x = self.resnets[0](x, temb_act)
+        x = self.run_resnet(self.resnets[0], x, temb_act)
         if self.attentions is not None:
             x = self.attentions[0](x)
-        return self.resnets[1](x, temb_act)
+        return self.run_resnet(self.resnets[1], x, temb_act)
 
 
-class UpBlock(nn.Module):
+class UpBlock2D(CheckpointedBlock):
     """One decoder level: resnet blocks on [x, skip] (each then attention in AttnUpBlock2D), then an upsampler."""
 
-    def __init__(self, in_channels, prev_output_channels, out_channels, num_layers, with_attention, add_upsample,
-                 resnet_kwargs, attention_kwargs):
+    with_attention = False
+
+    def __init__(self, in_channels, prev_output_channels, out_channels, num_layers, add_upsample, resnet_kwargs,
+                 attention_kwargs):
         super().__init__()
-        resnets = []
+        resnets, attentions = nn.ModuleList(), nn.ModuleList()  # in UNet2DModel's order, see DownBlock2D
         for i in range(num_layers):
             x_channels = prev_output_channels if i == 0 else out_channels
             # The last skip of a level comes from the encoder level below it, which has in_channels.
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnets.append(ResnetBlock(x_channels + skip_channels, out_channels, **resnet_kwargs))
-        self.resnets = nn.ModuleList(resnets)
-        if with_attention:
-            self.attentions = nn.ModuleList(AttentionBlock(out_channels, **attention_kwargs) for _ in range(num_layers))
-        else:
-            self.attentions = None
+            if self.with_attention:
+                attentions.append(AttentionBlock(out_channels, **attention_kwargs))
+        # Registered in UNet2DModel's order too, so that state_dict() lists the tensors as UNet2DModel's does.
+        self.attentions = attentions if self.with_attention else None
+        self.resnets = resnets
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
 
     def forward(self, x, skips, temb_act):
         """Get the level's output, consuming its skip activations from the end of `skips`."""
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb_act)
+            x = self.run_resnet(resnet, torch.cat([x, skips.pop()], dim=1), temb_act)
             if self.attentions is not None:
                 x = self.attentions[i](x)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
+
+
+class AttnUpBlock2D(UpBlock2D):
+    """UpBlock2D with self-attention after every resnet block."""
+
+    with_attention = True
+
+
+# The level blocks by the names config files use for them.
+DOWN_BLOCKS = {cls.__name__: cls for cls in (DownBlock2D, AttnDownBlock2D)}
+UP_BLOCKS = {cls.__name__: cls for cls in (UpBlock2D, AttnUpBlock2D)}

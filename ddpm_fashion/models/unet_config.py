@@ -69,7 +69,7 @@ def check_unet_config(config: dict) -> None:
     if attn_groups is not None and (not _is_int(attn_groups) or attn_groups < 1 or channels[-1] % attn_groups):
         raise _unsupported("attn_norm_num_groups", attn_groups, f"None or an int dividing {channels[-1]}")
     head_dim = config["attention_head_dim"]
-    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+    if head_dim is not None and (not _is_int(head_dim) or head_dim < 1):
         raise _unsupported("attention_head_dim", head_dim, "None (one head) or a positive int")
     if channels[0] // 2 == config["freq_shift"]:
         # The sinusoid's frequencies divide by (width / 2 - freq_shift); diffusers silently returns NaN here.
@@ -80,6 +80,15 @@ def check_unet_config(config: dict) -> None:
     if config["time_embedding_dim"] is not None and (not isinstance(config["time_embedding_dim"], int)
                                                      or config["time_embedding_dim"] < 1):
         raise _unsupported("time_embedding_dim", config["time_embedding_dim"], "None or a positive int")
+
+    # Each attention block has channels // head_dim heads (UNet2DModel's rule); with none it could not attend.
+    attention_widths = [c for c, kind in zip(channels, down) if kind == "AttnDownBlock2D"]
+    attention_widths += [c for c, kind in zip(reversed(channels), up) if kind == "AttnUpBlock2D"]
+    if config["mid_block_type"] is not None and config["add_attention"]:
+        attention_widths.append(channels[-1])
+    if head_dim is not None and attention_widths and head_dim > min(attention_widths):
+        raise _unsupported("attention_head_dim", head_dim, f"None (one head) or at most the {min(attention_widths)} "
+                                                           f"channels of the narrowest attention block")
 
     sample_size = config["sample_size"]
     factor = 2 ** (len(channels) - 1)
