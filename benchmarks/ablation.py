@@ -56,7 +56,8 @@ TRAIN_IMAGES = 60_000
 # configs/cpu.yaml as the study found it (the protocol still calls it cpu.yaml); cpu.yaml now holds the winners.
 BASE_CONFIG = ROOT / "benchmarks" / "ablation_base.yaml"
 # Keys that say where and how often a run writes, not what it trains: ignored when a finished folder is reused.
-INCIDENTAL_KEYS = ("output_dir", "logger", "save_images_epochs", "checkpointing_steps", "checkpoints_total_limit")
+INCIDENTAL_KEYS = ("output_dir", "logger", "save_images_epochs", "checkpointing_steps", "checkpointing_minutes",
+                   "checkpoints_total_limit")
 SAMPLERS = (("dpm", 20), ("ddim", 50))
 # The study's DDIM walks down to t = 0, as the CLI's `ddim` did when its rows were scored (it now ends earlier).
 SCHEDULER_OF = {"dpm": "dpm", "ddim": "ddim-to-t0"}

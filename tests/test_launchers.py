@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ENV, ROOT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state, tree
+from ddpm_fashion.training.resources import physical_cores
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -63,6 +64,8 @@ def test_the_readme_torchrun_command_as_typed_trains_with_two_processes(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert processes_trained(result) == 2
     assert (tmp_path / "D" / "model_index.json").is_file()
+    # the two processes share the cores evenly
+    assert f"{max(1, physical_cores() // 2)} torch threads per process" in result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
