@@ -31,7 +31,15 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from ddpm_fashion.data import BACKGROUND, MODEL_SIZE, PADDING, ShardBatch, ShardedBatchSampler, load_fashion_mnist
+from ddpm_fashion.data import (
+    BACKGROUND,
+    MODEL_SIZE,
+    PADDING,
+    ShardBatch,
+    ShardedBatchSampler,
+    _hub_is_offline,
+    load_fashion_mnist,
+)
 from ddpm_fashion.models.unet import check_unet_kwargs
 
 IMAGE_COLUMNS = ("image", "img")  # diffusers reads "image"; CIFAR-10 on the Hub calls it "img"
@@ -137,16 +145,10 @@ def _load_named_dataset(name: str, config_name: Optional[str], cache_dir: Option
     try:
         return _quietly(datasets.load_dataset, name, config_name, cache_dir=cache_dir, split="train")
     except Exception as error:  # offline, no such dataset, no train split: datasets raises many kinds
-        offline = " (the Hub is offline here: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if _offline() else ""
+        offline = " (the Hub is offline here: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if _hub_is_offline() else ""
         raise ValueError(f"--dataset_name {name}: not found{offline}; a Hub dataset needs the network (or the "
                          "datasets cache in --cache_dir), a local one a folder written with save_to_disk "
                          f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
-
-
-def _offline() -> bool:
-    """Say whether the user switched the Hub off."""
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _image_column(dataset, source: str) -> str:

@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     for source in sorted(DATA_DIR.glob("*.gz")):
         shutil.copyfile(source, data / source.name)
     wheels = CARRY / "wheels"
-    if wheels.exists():
-        shutil.rmtree(wheels)  # ours alone: carry/ is this script's folder
+    for old_wheel in wheels.glob("*.whl"):  # an earlier run's downloads; nothing else in the folder is touched
+        old_wheel.unlink()
     pins = wanted(device_packages(args.device_freeze))
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
                     "--python-version", args.python_version, "--platform", "manylinux2014_x86_64",

@@ -28,12 +28,6 @@ SMOKE_UNET = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out
               "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "attention_head_dim": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """The trainer's tiny runs are fastest on one thread, and then leave the other core to the rest."""
-    monkeypatch.setenv("DDPM_FASHION_NUM_THREADS", "1")
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """64 synthetic training images: 4 steps of 16 make an epoch, so epoch ends come within a few steps."""
