@@ -47,6 +47,7 @@ from ddpm_fashion.training.launch import (
     is_first_process,
     launched_on_cpus_only,
     resolve_mixed_precision,
+    restore_stop_signals,
     stop_signals_as_interrupts,
     why_this_precision,
 )
@@ -440,6 +441,7 @@ def main(argv=None):
             where = run_dir.describe_checkpoints(config.output_dir) if config is not None else "nothing was written"
             if is_first_process():
                 print(f"\n{prog}: interrupted; {where}", file=sys.stderr, flush=True)
+        restore_stop_signals()  # ignored since the interrupt (stop_signals_as_interrupts): the report is out
         return 130  # the shell's code for a SIGINT
     except (RuntimeError, MemoryError) as error:
         if isinstance(error, RuntimeError) and not is_out_of_memory(error):

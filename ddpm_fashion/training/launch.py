@@ -64,17 +64,41 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+# The stop-signal handlers a block of stop_signals_as_interrupts found, for restore_stop_signals().
+_handlers_before = {}
+
+
 @contextmanager
 def stop_signals_as_interrupts():
-    """Within the block SIGTERM is a KeyboardInterrupt (Terminated), so it takes Ctrl-C's path (main thread only)."""
+    """Within the block SIGTERM is a KeyboardInterrupt (Terminated), so it takes Ctrl-C's path (main thread only).
+
+    A block that ends in one leaves SIGINT and SIGTERM ignored: `accelerate launch` sends SIGTERM right after the
+    terminal's SIGINT, and restoring SIGTERM's default here would let it kill the process before it says where to
+    resume. The caller reports, then calls restore_stop_signals().
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _handlers_before.update({signal.SIGINT: signal.getsignal(signal.SIGINT),
+                             signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)})
+    stopping = False
     try:
         yield
+    except KeyboardInterrupt:
+        stopping = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not stopping:
+            restore_stop_signals()
+
+
+def restore_stop_signals():
+    """Give SIGINT and SIGTERM back the handlers stop_signals_as_interrupts found (an in-process caller's own)."""
+    while _handlers_before:
+        sig, handler = _handlers_before.popitem()
+        signal.signal(sig, handler)
 
 
 @contextmanager

@@ -18,3 +18,26 @@ def test_unset_precision_is_the_launchers_and_says_whose(monkeypatch):
     assert resolve_mixed_precision(None, native_bf16=False) == "bf16"
     assert why_this_precision(None, native_bf16=False) == "the launcher's"
     assert why_this_precision("fp16", native_bf16=False) == "set in the config"
+
+
+def test_after_an_interrupt_a_second_stop_signal_waits_until_the_report_is_out():
+    """accelerate launch sends SIGTERM right after the terminal's SIGINT: once the first has stopped training, a
+    real second signal must not end the process before it names the checkpoint to resume."""
+    import os
+    import signal
+
+    import pytest
+
+    from ddpm_fashion.training.launch import restore_stop_signals, stop_signals_as_interrupts
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals_as_interrupts():
+            raise KeyboardInterrupt  # the terminal's Ctrl-C
+    os.kill(os.getpid(), signal.SIGTERM)  # the launcher's follow-up: ignored, not the default that kills
+    os.kill(os.getpid(), signal.SIGINT)
+    restore_stop_signals()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    with stop_signals_as_interrupts():  # a block that ends normally gives the handlers back at once
+        pass
+    assert {sig: signal.getsignal(sig) for sig in before} == before
