@@ -220,18 +220,44 @@ def training_step(config, accelerator, state, noise_scheduler, pixels, batch, mi
     return accelerator.reduce(per_sample.detach().sum(), "sum").item()
 
 
-def main_process_decides(accelerator, flag):
-    """Get the main process's flag on every process: their clocks differ, and a checkpoint needs them all."""
+def main_process_decides(accelerator, value: int) -> int:
+    """Get the main process's value on every process: their clocks differ, and what a clock decides (a checkpoint,
+    the run's length) needs them all."""
     if accelerator.num_processes == 1:
-        return flag
-    return bool(broadcast(torch.tensor([flag], dtype=torch.uint8, device=accelerator.device), from_process=0).item())
+        return value
+    return int(broadcast(torch.tensor([value], dtype=torch.int64, device=accelerator.device), from_process=0).item())
+
+
+def learning_rate_schedule(config, optimizer, total_steps, step=0):
+    """diffusers' schedule (get_scheduler) over total_steps, standing at `step`: a plan changes total_steps midway."""
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps, last_epoch=step - 1)
+
+
+def saved_time_plan(config, state, max_train_steps):
+    """Get the step count a resumed run planned for max_train_minutes (None: no plan yet, or its keys changed)."""
+    plan = state.progress.get("time_plan")
+    if config.max_train_minutes is None or not plan or (plan["max_train_minutes"], plan["max_train_steps"]) != (
+            config.max_train_minutes, max_train_steps):
+        return None
+    return plan["steps"]
+
+
+def plan_to_time_budget(config, accelerator, state, clock, max_train_steps):
+    """max_train_minutes: get the steps that fit the run's training time (at most max_train_steps) at the speed of
+    the session's first steps on the main process; kept in the checkpoints, so a resumed run keeps it."""
+    fit = clock.last_step_that_fits(config.max_train_minutes, state.step, state.progress)
+    steps = main_process_decides(accelerator, min(max_train_steps, fit))
+    state.progress["time_plan"] = {"max_train_minutes": config.max_train_minutes, "max_train_steps": max_train_steps,
+                                   "steps": steps}
+    return steps
 
 
 def periodic_work(config, accelerator, state, noise_scheduler, max_train_steps, clock):
     """After an optimizer step: a checkpoint (by steps, or by time with checkpointing_minutes) and a sample grid
     when they are due."""
-    due_by_time = config.checkpointing_minutes is not None and main_process_decides(
-        accelerator, clock.checkpoint_due(config.checkpointing_minutes))
+    due_by_time = config.checkpointing_minutes is not None and bool(main_process_decides(
+        accelerator, clock.checkpoint_due(config.checkpointing_minutes)))
     if state.step % config.checkpointing_steps == 0 or state.step == max_train_steps or due_by_time:
         save_checkpoint(accelerator, config, state)
         clock.checkpoint_saved()
@@ -339,8 +365,7 @@ def run_training(config, accelerator, model, noise_scheduler, data, resume_path,
     max_train_steps = config.max_train_steps or math.ceil(
         config.num_epochs * len(sampler) / config.gradient_accumulation_steps)
     optimizer = make_optimizer(config, model, device)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max_train_steps)
+    lr_scheduler = learning_rate_schedule(config, optimizer, max_train_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
     if config.use_ema:  # only parameters are averaged, never buffers
@@ -356,6 +381,10 @@ def run_training(config, accelerator, model, noise_scheduler, data, resume_path,
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print("no checkpoint found in output_dir; starting a new run")
+    planned = saved_time_plan(config, state, max_train_steps)  # a resumed run keeps its max_train_minutes plan
+    if planned is not None:
+        max_train_steps = planned
+        lr_scheduler = state.lr_scheduler = learning_rate_schedule(config, optimizer, planned, state.step)
     accelerator.print(f"training to step {max_train_steps} with {accelerator.num_processes} process(es) on "
                       f"{device.type}, {how_it_runs}; output_dir {config.output_dir}")
 
@@ -388,6 +417,13 @@ def run_training(config, accelerator, model, noise_scheduler, data, resume_path,
                 accelerator.log(logs, step=state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_s:.0f}")
+                if clock.just_timed() and config.max_train_minutes is not None and planned is None:
+                    planned = plan_to_time_budget(config, accelerator, state, clock, max_train_steps)
+                    if accelerator.is_main_process:
+                        bar.write(f"max_train_minutes {config.max_train_minutes:g}: training to step {planned} of "
+                                  f"max_train_steps {max_train_steps}, the learning-rate schedule fitted to it")
+                    max_train_steps = bar.total = planned
+                    lr_scheduler = state.lr_scheduler = learning_rate_schedule(config, optimizer, planned, state.step)
                 expected = clock.expected_duration(max_train_steps - state.step)
                 if expected and accelerator.is_main_process:
                     bar.write(f"{expected} ({how_it_runs})")

@@ -110,8 +110,8 @@ def writing(path, space_needed):
 class TrainingState:
     """What the training loop advances and a checkpoint holds: the network and what updates it, and the progress.
 
-    `progress` has the per-step losses, the images seen and the training seconds over all sessions (None when a
-    checkpoint from before they were timed was resumed).
+    `progress` has the per-step losses, the images seen, the training seconds over all sessions (None when a
+    checkpoint from before they were timed was resumed) and the max_train_minutes plan (None before it is made).
     """
 
     model: torch.nn.Module
@@ -120,7 +120,8 @@ class TrainingState:
     ema: Optional[object]
     sampler: object
     step: int = 0
-    progress: dict = field(default_factory=lambda: {"losses": [], "images_seen": 0, "train_seconds": 0.0})
+    progress: dict = field(default_factory=lambda: {"losses": [], "images_seen": 0, "train_seconds": 0.0,
+                                                    "time_plan": None})
 
 
 def checkpoint_bytes(config, state):
@@ -183,4 +184,5 @@ def load_checkpoint(accelerator, path, state):
     # Runs from before images were counted had only full batches of the configured size.
     images = saved.get("images_seen",
                        state.step * state.sampler.global_batch_size * accelerator.gradient_accumulation_steps)
-    state.progress = {"losses": saved["losses"], "images_seen": images, "train_seconds": saved.get("train_seconds")}
+    state.progress = {"losses": saved["losses"], "images_seen": images, "train_seconds": saved.get("train_seconds"),
+                      "time_plan": saved.get("time_plan")}

@@ -39,11 +39,25 @@ class Clock:
         """Restart the time since the last checkpoint."""
         self.last_checkpoint = self.seconds()
 
+    def just_timed(self) -> bool:
+        """Whether this step completed the timing of the session's first steps."""
+        return self.steps == self.STEPS_TO_TIME
+
+    def seconds_per_step(self) -> float:
+        """Get the mean seconds of the session's steps after its first."""
+        return (self.seconds() - self.first_step[0]) / (self.steps - 1)
+
+    def last_step_that_fits(self, minutes, step, progress) -> int:
+        """Get the step at which the run's training time reaches `minutes`, at this session's seconds per step (at
+        least step + 1). The time so far is every session's where the checkpoints recorded it, else this one's."""
+        seconds_left = 60 * minutes - (progress["train_seconds"] or self.seconds())
+        return step + max(1, int(seconds_left / self.seconds_per_step()))
+
     def expected_duration(self, steps_left):
         """Get the line saying when the run ends, once the first steps are timed (else None)."""
-        if self.steps != self.STEPS_TO_TIME or steps_left == 0:
+        if not self.just_timed() or steps_left == 0:
             return None
-        per_step = (self.seconds() - self.first_step[0]) / (self.steps - 1)
+        per_step = self.seconds_per_step()
         left = per_step * steps_left
         duration = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
         return (f"timed {self.steps - 1} steps after the first: {per_step:.2f} s per step, so the {steps_left} steps "

@@ -66,6 +66,10 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_epochs: int = 10
     max_train_steps: Optional[int] = None  # overrides num_epochs when set
+    # Train for at most this many minutes: once the first 20 steps are timed, the run ends at the step that fits (at
+    # most max_train_steps) and the learning-rate schedule is fitted to it, so its decay completes; null: by steps.
+    # The steps before the plan train as without it while the warm-up (lr_warmup_steps) covers them.
+    max_train_minutes: Optional[float] = None
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
     lr_scheduler: Literal[
@@ -198,8 +202,9 @@ def check_values(config: TrainConfig) -> None:
     for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:
         if not 0 <= getattr(config, name) < 1:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
-    if config.checkpointing_minutes is not None and not config.checkpointing_minutes > 0:
-        raise ValueError(f"checkpointing_minutes must be positive (or null), got {config.checkpointing_minutes}")
+    for name in ["checkpointing_minutes", "max_train_minutes"]:
+        if getattr(config, name) is not None and not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive (or null), got {getattr(config, name)}")
     if config.lr_warmup_steps < 0 or config.adam_weight_decay < 0:
         raise ValueError("lr_warmup_steps and adam_weight_decay must not be negative")
     if config.ddpm_num_inference_steps > config.ddpm_num_steps:

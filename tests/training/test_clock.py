@@ -61,3 +61,16 @@ def test_a_checkpoint_is_due_by_time_since_the_last_one_or_the_start(fake_time):
     clock.checkpoint_saved()
     fake_time[0] += 10 * 60
     assert not clock.checkpoint_due(15) and clock.checkpoint_due(10)
+
+
+def test_the_last_step_that_fits_counts_every_sessions_time_and_is_always_a_step_ahead(fake_time):
+    progress = {"losses": [], "images_seen": 0, "train_seconds": 600.0}  # 10 minutes in earlier sessions
+    clock = Clock(progress)
+    for _ in range(Clock.STEPS_TO_TIME):
+        fake_time[0] += 3.0 if clock.steps == 0 else 0.5
+        clock.tick(progress)
+    # 12.5 s this session, 30 minutes in all: (1800 - 612.5) s at 0.5 s per step
+    assert clock.last_step_that_fits(30, step=400, progress=progress) == 400 + 2375
+    assert clock.last_step_that_fits(10, step=400, progress=progress) == 401  # the budget is spent: one more step
+    progress["train_seconds"] = None  # resumed from a run that did not record its time: this session's counts
+    assert clock.last_step_that_fits(1, step=20, progress=progress) == 20 + int((60 - 12.5) / 0.5)
