@@ -2,6 +2,8 @@
 decayed to the end, exactly as a run given that step count trains; a resumed run keeps the plan; several processes
 stop together at the main process's plan."""
 
+import contextlib
+import io
 import re
 import shutil
 import sys
@@ -32,9 +34,10 @@ def planned_steps(printed):
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory, train_data_dir):
     """A smoke run under a 3-second budget, and the step count it planned."""
-    folder = tmp_path_factory.mktemp("budget") / "run"
-    result = run_training(folder, train_data_dir, *BUDGET)
-    return folder, planned_steps(result.stdout + result.stderr)
+    folder, printed = tmp_path_factory.mktemp("budget") / "run", io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the plan line is the progress bar's (tqdm.write: stdout)
+        train_in_process(folder, train_data_dir, *BUDGET)
+    return folder, planned_steps(printed.getvalue())
 
 
 def test_a_time_budget_ends_the_run_at_its_planned_step_with_the_learning_rate_decayed_to_zero(budget_run):
