@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import ENV, ROOT, SCRIPT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state
@@ -194,17 +195,40 @@ def test_bf16_mixed_precision_on_cpu_with_tensorboard_logging(tmp_path, train_da
     result = run_training(output_dir, train_data_dir, "--mixed_precision", "bf16", "--logger", "tensorboard",
                           "--max_train_steps", 4, "--checkpointing_steps", 4, "--save_images_steps", 2, script=launcher)
     assert result.stdout.count("has no native bf16, so mixed_precision=bf16 may train slower") == 1
-    # `auto` on such a machine trains in float32, and the run folder records it
-    result = run_training(tmp_path / "auto", train_data_dir, "--mixed_precision", "auto", "--max_train_steps", 1,
-                          "--save_images_steps", 100, script=launcher)
-    assert "mixed precision no (auto: this device has no native bf16, so float32)" in result.stdout
-    assert "mixed_precision: 'no'" in (tmp_path / "auto" / "train_config.yaml").read_text()
     losses = trainer_state(output_dir, 4)["losses"]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
     events = list((output_dir / "logs").rglob("events.out.tfevents.*"))
     assert events and all(event.stat().st_size > 0 for event in events)
     published = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for tensor in published.values()} == {torch.float32}  # autocast, not bf16 weights
+
+
+def test_auto_on_a_cpu_without_native_bf16_trains_float32_with_float32_unets_unet(tmp_path, train_data_dir, capsys,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(train_accelerate, "has_fast_bf16", lambda device: False)  # a CPU without AVX-512 BF16 / AMX
+    train_in_process(tmp_path / "auto", train_data_dir, "--mixed_precision", "auto", "--max_train_steps", 1,
+                     "--save_images_steps", 100, "--float32_unet", "{block_out_channels: [8, 16]}")
+    assert "mixed precision no (auto: this device has no native bf16, so float32, with float32_unet's U-Net " \
+           "{'block_out_channels': [8, 16]})" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "auto" / "train_config.yaml").read_text())
+    assert saved["mixed_precision"] == "no" and saved["unet"]["block_out_channels"] == [8, 16]
+    published = json.loads((tmp_path / "auto" / "unet" / "config.json").read_text())
+    assert published["block_out_channels"] == [8, 16] and published["down_block_types"] == ["DownBlock2D",
+                                                                                             "AttnDownBlock2D"]
+    # where bf16 is native, or the precision is not `auto`, float32_unet changes nothing: such a machine cannot resume
+    # the run above, and says why
+    monkeypatch.setattr(train_accelerate, "has_fast_bf16", lambda device: True)
+    assert train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(tmp_path / "auto"), "--data_dir",
+                                  str(train_data_dir), "--mixed_precision", "auto", "--max_train_steps", "2",
+                                  "--float32_unet", "{block_out_channels: [8, 16]}",
+                                  "--resume_from_checkpoint", "latest"]) == 2
+    error = capsys.readouterr().err
+    assert "unet.block_out_channels: [8, 16] -> [16, 32]" in error, error
+    assert "output_dir; its U-Net follows float32_unet only where mixed_precision auto picks float32" in error
+    train_in_process(tmp_path / "explicit", train_data_dir, "--mixed_precision", "no", "--max_train_steps", 1,
+                     "--save_images_steps", 100, "--float32_unet", "{block_out_channels: [8, 16]}")
+    saved = yaml.safe_load((tmp_path / "explicit" / "train_config.yaml").read_text())
+    assert saved["unet"]["block_out_channels"] == [16, 32]
 
 
 def test_min_snr_v_prediction_and_stratified_timesteps_train_and_publish(tmp_path, train_data_dir):

@@ -84,6 +84,9 @@ class TrainConfig:
     # null: the launcher's choice (`accelerate launch --mixed_precision`, `accelerate config`), else "no";
     # auto: bf16 where the device runs it natively, else "no". The run's train_config.yaml records what was used.
     mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
+    # U-Net keys that replace unet's where mixed_precision auto picks float32 (the device has no native bf16): a
+    # recipe for the slower precision, e.g. a narrower net that sees more images in the same time; null: none.
+    float32_unet: Optional[dict] = None
 
     # Exponential moving average of the weights (diffusers.training_utils.EMAModel with warm-up).
     use_ema: bool = True
@@ -211,6 +214,22 @@ def check_values(config: TrainConfig) -> None:
         raise ValueError(f"ddpm_num_inference_steps ({config.ddpm_num_inference_steps}) must not exceed "
                          f"ddpm_num_steps ({config.ddpm_num_steps})")
     check_unet_kwargs(config.unet)
+    if config.float32_unet is not None:
+        if shape_keys := sorted(set(config.float32_unet) & set(DATA_SHAPE_KEYS)):
+            raise ValueError(f"float32_unet may not set {shape_keys}: they follow the data; it changes the "
+                             "architecture only (e.g. block_out_channels)")
+        try:
+            check_unet_kwargs({**config.unet, **config.float32_unet})
+        except ValueError as error:
+            raise ValueError(f"float32_unet {config.float32_unet} over unet: {error}") from None
+
+
+def with_float32_unet(config: TrainConfig, requested_precision) -> bool:
+    """Apply float32_unet where `auto` picked float32 (config.mixed_precision resolved); get whether it applied."""
+    if requested_precision != "auto" or config.mixed_precision != "no" or not config.float32_unet:
+        return False
+    config.unet = {**config.unet, **config.float32_unet}
+    return True
 
 
 def valid_keys() -> list:
@@ -267,9 +286,10 @@ def read_yaml(path: Path) -> dict:
     unknown = sorted(set(values) - set(valid_keys()))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(valid_keys())}")
-    if "unet" in values and not isinstance(values["unet"], dict):
-        raise ValueError(f"unet in config file {path} must be a mapping of UNet2DModel keys to values (e.g. "
-                         f"block_out_channels: [32, 64]), got {values['unet']!r}")
+    for key in ("unet", "float32_unet"):
+        if key in values and not isinstance(values[key], dict) and not (key == "float32_unet" and values[key] is None):
+            raise ValueError(f"{key} in config file {path} must be a mapping of UNet2DModel keys to values (e.g. "
+                             f"block_out_channels: [32, 64]), got {values[key]!r}")
     return values
 
 
@@ -320,6 +340,17 @@ class ChoicesOrNull(tuple):
         return value is None or super().__contains__(value)
 
 
+def mapping(text: str) -> dict:
+    """Read a command-line value as a YAML mapping, e.g. `{block_out_channels: [16, 32, 64]}`."""
+    try:
+        value = load_yaml(text)
+    except yaml.YAMLError:
+        raise ValueError(f"{text!r} is not valid YAML") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{text!r} is not a YAML mapping")
+    return value
+
+
 class ConfigArgumentParser(HfArgumentParser):
     """HfArgumentParser whose usage errors become ValueErrors, so the launcher prints one line and exits 2, and whose
     Optional fields take `null` (HfArgumentParser gives an Optional[int] field type=int, which refuses it)."""
@@ -327,6 +358,8 @@ class ConfigArgumentParser(HfArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for action in self._actions:
+            if action.dest in valid_keys() and field_type(action.dest)[0] is dict:
+                action.type = mapping  # a YAML mapping, as in a config file (argparse's dict() reads no text)
             if action.dest in valid_keys() and field_type(action.dest)[1] and action.type is not None:
                 action.type = or_null(action.type)
                 if action.choices is not None:

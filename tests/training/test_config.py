@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from ddpm_fashion.training.config import TrainConfig, parse_config
+from ddpm_fashion.training.config import CONFIG_DIR, TrainConfig, parse_config
 
 
 def write_config(tmp_path, text):
@@ -107,3 +107,43 @@ def test_null_is_read_in_each_spelling_yaml_and_python_use(tmp_path, spelling):
 def test_null_is_refused_where_the_key_is_not_optional_and_other_words_stay_refused(tmp_path, extra, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         parse_file(write_config(tmp_path, "seed: 1\n"), *extra)
+
+
+FLOAT32_UNET = "float32_unet:\n  block_out_channels: [8, 16]\n"  # smoke.yaml's U-Net is (16, 32)
+
+
+def test_float32_unet_replaces_unet_keys_only_where_auto_picked_float32(tmp_path):
+    from ddpm_fashion.training.config import with_float32_unet
+
+    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32_UNET)
+    for requested, resolved, applies in [("auto", "no", True), ("auto", "bf16", False), ("no", "no", False),
+                                         (None, "no", False), ("bf16", "bf16", False)]:
+        config = parse_file(path)
+        assert config.float32_unet == {"block_out_channels": [8, 16]}
+        config.mixed_precision = resolved  # as preflight resolves it
+        assert with_float32_unet(config, requested) is applies
+        assert config.unet["block_out_channels"] == ([8, 16] if applies else [16, 32])
+        assert config.unet["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]  # the other keys stay
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--float32_unet", "{block_out_channels: [8, 16, 32]}"],
+     r"^float32_unet \{'block_out_channels': \[8, 16, 32\]\} over unet: UNet config block_out_channels=\(8, 16, 32\) "
+     r"has 3 levels but down_block_types has 2"),
+    (["--float32_unet", "{sample_size: 16}"], r"^float32_unet may not set \['sample_size'\]: they follow the data"),
+    (["--float32_unet", "{no_such_key: 1}"], r"^float32_unet \{'no_such_key': 1\} over unet: unknown UNet config key"),
+    (["--float32_unet", "5"], r"^argument --float32_unet/--float32-unet: invalid mapping value: '5'"),
+    (["--float32_unet", "{x: [}"], r"^argument --float32_unet/--float32-unet: invalid mapping value: '\{x: \[\}'"),
+])
+def test_a_float32_unet_that_cannot_build_a_unet_is_refused_in_one_line(tmp_path, extra, message):
+    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text())
+    with pytest.raises(ValueError, match=message):
+        parse_file(path, *extra)
+
+
+def test_float32_unet_in_a_file_must_be_a_mapping_or_null(tmp_path):
+    with pytest.raises(ValueError, match=r"float32_unet in config file .* must be a mapping of UNet2DModel keys"):
+        parse_file(write_config(tmp_path, "float32_unet: [16, 32]\n"))
+    assert parse_file(write_config(tmp_path, "float32_unet: null\n")).float32_unet is None
+    assert parse_file(write_config(tmp_path, FLOAT32_UNET.replace("[8, 16]", "[8, 16, 32]")), "--float32_unet",
+                      "null").float32_unet is None
