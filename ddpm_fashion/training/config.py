@@ -392,6 +392,8 @@ def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CON
     if known.model_config_name_or_path is not None:  # a UNet2DModel config replaces the file's unet block
         file_unet = load_model_config(known.model_config_name_or_path)
     unet = {**default_unet_config(), **file_unet, **unet_overrides}
+    if unet_overrides or known.model_config_name_or_path is not None:
+        file_values.pop("float32_unet", None)  # the file's float32 recipe was for its U-Net: this one trains as is
     parser.set_defaults(**file_values, unet=unet)
     config, unknown = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False,
                                                          return_remaining_strings=True)

@@ -147,3 +147,14 @@ def test_float32_unet_in_a_file_must_be_a_mapping_or_null(tmp_path):
     assert parse_file(write_config(tmp_path, "float32_unet: null\n")).float32_unet is None
     assert parse_file(write_config(tmp_path, FLOAT32_UNET.replace("[8, 16]", "[8, 16, 32]")), "--float32_unet",
                       "null").float32_unet is None
+
+
+def test_a_unet_given_on_the_command_line_trains_as_given_without_the_files_float32_unet(tmp_path):
+    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32_UNET)
+    three_levels = ["--unet.block_out_channels", "[8, 16, 32]", "--unet.down_block_types",
+                    "[DownBlock2D, DownBlock2D, DownBlock2D]", "--unet.up_block_types",
+                    "[UpBlock2D, UpBlock2D, UpBlock2D]"]
+    assert parse_file(path, *three_levels).float32_unet is None  # the file's 2-level recipe would not fit 3 levels
+    assert parse_file(path, "--unet.layers_per_block", 2).float32_unet is None
+    given = parse_file(path, *three_levels, "--float32_unet", "{block_out_channels: [16, 24, 32]}")
+    assert given.float32_unet == {"block_out_channels": [16, 24, 32]}  # unless the command line sets one too
