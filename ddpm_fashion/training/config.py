@@ -358,7 +358,7 @@ class ConfigArgumentParser(HfArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for action in self._actions:
-            if action.dest in valid_keys() and field_type(action.dest)[0] is dict:
+            if action.dest == "float32_unet":  # `unet` is set key by key (--unet.KEY), never whole
                 action.type = mapping  # a YAML mapping, as in a config file (argparse's dict() reads no text)
             if action.dest in valid_keys() and field_type(action.dest)[1] and action.type is not None:
                 action.type = or_null(action.type)
