@@ -23,6 +23,9 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # .ci/run sets this: there the real full-disk tests must run, not skip.
 REQUIRE_TMPFS = "DDPM_FASHION_REQUIRE_TMPFS"
+# The tests that start several processes of one run (torchrun, accelerate --multi_gpu): they run one after another on
+# one pytest-xdist worker, as some rendezvous on the launchers' fixed default port 29500, as a user's command does.
+MULTI_PROCESS = pytest.mark.xdist_group("multi_process")
 
 
 def load_benchmark(name):

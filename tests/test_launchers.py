@@ -9,10 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, ROOT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state, tree
+from conftest import (
+    ENV,
+    MULTI_PROCESS,
+    ROOT,
+    SMOKE,
+    checkpoint_tensors,
+    run_training,
+    train_in_process,
+    trainer_state,
+    tree,
+)
 from ddpm_fashion.training.resources import physical_cores
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, MULTI_PROCESS]
 BIN = Path(sys.executable).parent
 STEPS = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--save_images_steps", 100)
 

@@ -16,7 +16,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, SCRIPT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state
+from conftest import (
+    ENV,
+    MULTI_PROCESS,
+    ROOT,
+    SCRIPT,
+    SMOKE,
+    checkpoint_tensors,
+    run_training,
+    train_in_process,
+    trainer_state,
+)
 
 sys.path.insert(0, str(ROOT))
 import train_accelerate  # noqa: E402
@@ -56,6 +66,7 @@ def test_own_and_diffusers_unet_train_identically(tmp_path, train_data_dir):
 
 
 @pytest.mark.slow
+@MULTI_PROCESS
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, train_data_dir):
     if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
         pytest.skip("torchrun is not installed beside this Python")

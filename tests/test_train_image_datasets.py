@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ENV, ROOT, SMOKE, checkpoint_tensors, error_line, trainer_state
+from conftest import ENV, MULTI_PROCESS, ROOT, SMOKE, checkpoint_tensors, error_line, trainer_state
 from ddpm_fashion.image_datasets import IN_MEMORY_VARIABLE
 
 sys.path.insert(0, str(ROOT))
@@ -134,6 +134,7 @@ def test_bad_dataset_options_without_a_folder_are_one_line(tmp_path, capsys, ext
 
 
 @pytest.mark.slow
+@MULTI_PROCESS
 def test_two_streaming_processes_with_a_worker_train_as_one_in_memory_process(tmp_path):
     """MNIST-like 28x28 grey digits, random crops of 24 (28 resized to 24): torchrun with 2 processes x 2 images, each
     streaming through a DataLoader worker, gives the losses and weights of 1 process x 4 images in memory."""

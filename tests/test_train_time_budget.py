@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state
+from conftest import MULTI_PROCESS, ROOT, SMOKE, checkpoint_tensors, run_training, train_in_process, trainer_state
 
 BIN = Path(sys.executable).parent
 # A budget of 3 s on the smoke U-Net, far short of the cap. The plan is made at step 20, before that step's checkpoint:
@@ -79,6 +79,7 @@ def test_a_resumed_run_keeps_its_plan_and_ends_where_the_straight_run_did(budget
 
 
 @pytest.mark.slow
+@MULTI_PROCESS
 @pytest.mark.parametrize("processes", [2, 3])
 def test_every_process_stops_at_the_main_processs_plan(tmp_path, train_data_dir, processes):
     launcher = (str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(29560 + processes))

@@ -16,6 +16,7 @@ import torch
 
 from conftest import (
     ENV,
+    MULTI_PROCESS,
     ROOT,
     SCRIPT,
     SMOKE,
@@ -249,6 +250,7 @@ DELAYED_SAVE = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@MULTI_PROCESS
 @pytest.mark.parametrize("processes", [2, 3])
 def test_every_rank_finishes_its_checkpoint_part_before_the_rename(tmp_path, train_data_dir, processes):
     torchrun = Path(sys.executable).parent / "torchrun"
