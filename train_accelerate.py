@@ -45,7 +45,7 @@ from ddpm_fashion.training.config import (
     config_to_yaml,
     parse_config,
     resume_differences,
-    with_float32_unet,
+    with_float32,
 )
 from ddpm_fashion.training.launch import (
     check_launcher,
@@ -163,9 +163,11 @@ def check_resume(config, resume_path, num_processes):
                            f" = {saved_global} -> {num_processes} process(es) x {config.train_batch_size} = "
                            f"{global_batch}{advice}")
     if differences:
-        unet_differs = config.float32_unet and any(difference.startswith("unet.") for difference in differences)
-        hint = ("; its U-Net follows float32_unet only where mixed_precision auto picks float32, so resume on a "
-                "machine of the same precision" if unet_differs else "")
+        differing = {difference.partition(":")[0].partition(".")[0] for difference in differences}  # unet, seed, ...
+        recipe = set(config.float32 or ())
+        recipe |= {"global batch"} if "train_batch_size" in recipe else set()
+        hint = ("; the config's float32 recipe applies only where mixed_precision auto picks float32, so resume on a "
+                "machine of the same precision" if differing & recipe else "")
         raise ValueError(f"cannot resume from {resume_path}: it was trained with other values of keys a run must keep "
                          f"({'; '.join(differences)}); drop those overrides, or start a new output_dir{hint}")
 
@@ -187,8 +189,8 @@ def preflight(config, overwrite):
     requested = config.mixed_precision
     precision_why = why_this_precision(requested, has_fast_bf16(state.device))
     config.mixed_precision = resolve_mixed_precision(requested, has_fast_bf16(state.device))
-    if with_float32_unet(config, requested):  # before check_resume: a checkpoint must hold this U-Net
-        precision_why += f", with float32_unet's U-Net {config.float32_unet}"
+    if with_float32(config, requested):  # before check_resume: a checkpoint must hold this recipe's U-Net
+        precision_why += f", with the config's float32 recipe {config.float32}"
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision=fp16 needs a CUDA GPU; on CPU use 'bf16' or 'no'")
     if overwrite and config.resume_from_checkpoint is not None:

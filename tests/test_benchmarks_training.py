@@ -37,9 +37,9 @@ def test_the_cpu_yaml_ablation_rows_train_what_configs_cpu_yaml_trains_and_train
     recipe, _, _ = parse_config(["--config", str(ROOT / "configs" / "cpu.yaml")])
     row, _, _ = parse_config(ablation.trainer_args("cpu-yaml-noattn", 1, "unused-out"))
     differing = {key for key, value in asdict(row).items() if asdict(recipe)[key] != value}
-    # float32_unet: cpu.yaml's U-Net where `auto` picks float32; the row trains in bf16, where it does not apply
-    assert {"max_train_steps", "max_train_minutes", "mixed_precision", "float32_unet"} <= differing
-    assert differing <= {"max_train_steps", "max_train_minutes", "mixed_precision", "float32_unet",
+    # float32: cpu.yaml's recipe where `auto` picks float32; the row trains in bf16, where it does not apply
+    assert {"max_train_steps", "max_train_minutes", "mixed_precision", "float32"} <= differing
+    assert differing <= {"max_train_steps", "max_train_minutes", "mixed_precision", "float32",
                          *ablation.INCIDENTAL_KEYS}, differing
     assert (row.mixed_precision, recipe.mixed_precision) == ("bf16", "auto")
     before, _, _ = parse_config(ablation.trainer_args("cpu-yaml", 1, "unused-out"))
@@ -192,8 +192,8 @@ def test_the_committed_reference_model_is_configs_cpu_yaml():
     trained = with_new_keys_at_defaults(yaml.safe_load((reference / "train_config.yaml").read_text()))
     # where it was written; `auto` resolved on a bf16 CPU; when checkpoints were taken (no weight depends on it); the
     # two-hour budget, which its 25,000 steps in 1.29 h on that machine did not reach (docs/results.md); the U-Net of
-    # a machine where `auto` picks float32 (float32_unet), which bf16 did not use: the U-Net it trained is compared
-    how_it_ran = {"output_dir", "mixed_precision", "checkpointing_minutes", "max_train_minutes", "float32_unet"}
+    # a machine where `auto` picks float32 (float32), which bf16 did not use: the U-Net it trained is compared
+    how_it_ran = {"output_dir", "mixed_precision", "checkpointing_minutes", "max_train_minutes", "float32"}
     assert {k: v for k, v in trained.items() if k not in how_it_ran} == \
         {k: v for k, v in expected.items() if k not in how_it_ran}
     assert (expected["mixed_precision"], trained["mixed_precision"]) == ("auto", "bf16")

@@ -214,32 +214,33 @@ def test_bf16_mixed_precision_on_cpu_with_tensorboard_logging(tmp_path, train_da
     assert {tensor.dtype for tensor in published.values()} == {torch.float32}  # autocast, not bf16 weights
 
 
-def test_auto_on_a_cpu_without_native_bf16_trains_float32_with_float32_unets_unet(tmp_path, train_data_dir, capsys,
-                                                                                   monkeypatch):
+def test_auto_on_a_cpu_without_native_bf16_trains_float32_with_the_float32_recipe(tmp_path, train_data_dir, capsys,
+                                                                                  monkeypatch):
     monkeypatch.setattr(train_accelerate, "has_fast_bf16", lambda device: False)  # a CPU without AVX-512 BF16 / AMX
+    recipe = ("--float32", "{learning_rate: 2.0e-4, unet: {block_out_channels: [8, 16]}}")
     train_in_process(tmp_path / "auto", train_data_dir, "--mixed_precision", "auto", "--max_train_steps", 1,
-                     "--save_images_steps", 100, "--float32_unet", "{block_out_channels: [8, 16]}")
-    assert "mixed precision no (auto: this device has no native bf16, so float32, with float32_unet's U-Net " \
-           "{'block_out_channels': [8, 16]})" in capsys.readouterr().out
+                     "--save_images_steps", 100, *recipe)
+    assert "mixed precision no (auto: this device has no native bf16, so float32, with the config's float32 recipe " \
+           "{'learning_rate': 0.0002, 'unet': {'block_out_channels': [8, 16]}})" in capsys.readouterr().out
     saved = yaml.safe_load((tmp_path / "auto" / "train_config.yaml").read_text())
     assert saved["mixed_precision"] == "no" and saved["unet"]["block_out_channels"] == [8, 16]
+    assert saved["learning_rate"] == 2e-4
     published = json.loads((tmp_path / "auto" / "unet" / "config.json").read_text())
     assert published["block_out_channels"] == [8, 16] and published["down_block_types"] == ["DownBlock2D",
                                                                                              "AttnDownBlock2D"]
-    # where bf16 is native, or the precision is not `auto`, float32_unet changes nothing: such a machine cannot resume
+    # where bf16 is native, or the precision is not `auto`, the recipe changes nothing: such a machine cannot resume
     # the run above, and says why
     monkeypatch.setattr(train_accelerate, "has_fast_bf16", lambda device: True)
     assert train_accelerate.main(["--config", str(SMOKE), "--output_dir", str(tmp_path / "auto"), "--data_dir",
-                                  str(train_data_dir), "--mixed_precision", "auto", "--max_train_steps", "2",
-                                  "--float32_unet", "{block_out_channels: [8, 16]}",
+                                  str(train_data_dir), "--mixed_precision", "auto", "--max_train_steps", "2", *recipe,
                                   "--resume_from_checkpoint", "latest"]) == 2
     error = capsys.readouterr().err
     assert "unet.block_out_channels: [8, 16] -> [16, 32]" in error, error
-    assert "output_dir; its U-Net follows float32_unet only where mixed_precision auto picks float32" in error
+    assert "output_dir; the config's float32 recipe applies only where mixed_precision auto picks float32" in error
     train_in_process(tmp_path / "explicit", train_data_dir, "--mixed_precision", "no", "--max_train_steps", 1,
-                     "--save_images_steps", 100, "--float32_unet", "{block_out_channels: [8, 16]}")
+                     "--save_images_steps", 100, *recipe)
     saved = yaml.safe_load((tmp_path / "explicit" / "train_config.yaml").read_text())
-    assert saved["unet"]["block_out_channels"] == [16, 32]
+    assert saved["unet"]["block_out_channels"] == [16, 32] and saved["learning_rate"] == 1e-3
 
 
 def test_min_snr_v_prediction_and_stratified_timesteps_train_and_publish(tmp_path, train_data_dir):

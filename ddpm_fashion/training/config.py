@@ -32,6 +32,8 @@ RESUME_FIXED_KEYS = ("unet", "gradient_accumulation_steps", "seed", "random_flip
 # --unet.KEY (the defaults' and shipped configs' values describe FashionMNIST).
 DATA_SHAPE_KEYS = ("sample_size", "in_channels", "out_channels")
 UNET_OVERRIDE_PREFIX = "--unet."
+# What the float32 recipe may not set: the precision that picks it, itself, and where the run lives.
+FLOAT32_FIXED_KEYS = ("mixed_precision", "float32", "output_dir", "resume_from_checkpoint")
 # The words YAML reads as null (and Python's None): command-line values are read like YAML, so these give None.
 NULL_WORDS = ("null", "Null", "NULL", "~", "None")
 # What a value of each field type is, in the words of someone writing a YAML file.
@@ -84,9 +86,10 @@ class TrainConfig:
     # null: the launcher's choice (`accelerate launch --mixed_precision`, `accelerate config`), else "no";
     # auto: bf16 where the device runs it natively, else "no". The run's train_config.yaml records what was used.
     mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
-    # U-Net keys that replace unet's where mixed_precision auto picks float32 (the device has no native bf16): a
-    # recipe for the slower precision, e.g. a narrower net that sees more images in the same time; null: none.
-    float32_unet: Optional[dict] = None
+    # Config keys that replace the others where mixed_precision auto picks float32 (the device has no native bf16): a
+    # recipe for the slower precision, e.g. a narrower U-Net that sees more images in the same time; its `unet` sets
+    # only the U-Net keys it gives. A key given on the command line wins over the file's recipe. null: none.
+    float32: Optional[dict] = None
 
     # Exponential moving average of the weights (diffusers.training_utils.EMAModel with warm-up).
     use_ema: bool = True
@@ -162,19 +165,24 @@ def check_types(config: TrainConfig) -> None:
         setattr(config, f.name, checked_value(f.name, getattr(config, f.name)))
 
 
+def checked_yaml_value(name: str, value):
+    """Get a value YAML read for a field as checked_value does, reading YAML 1.1's dotless exponent as a number."""
+    if field_type(name)[0] is float and isinstance(value, str):
+        # YAML 1.1 reads an exponent without a dot (1e-4) as a string; argparse's float() always read it.
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # refused by checked_value as not a number
+    return checked_value(name, value)
+
+
 def check_file_types(values: dict, path: Path) -> dict:
     """Get a config file's values checked against their fields' types; a wrong one is a one-line ValueError naming
     the file and key (argparse would blame a command-line option the user never gave)."""
     checked = {}
     for key, value in values.items():
-        if field_type(key)[0] is float and isinstance(value, str):
-            # YAML 1.1 reads an exponent without a dot (1e-4) as a string; argparse's float() always read it.
-            try:
-                value = float(value)
-            except ValueError:
-                pass  # refused below as not a number
         try:
-            checked[key] = checked_value(key, value)
+            checked[key] = checked_yaml_value(key, value)
         except ValueError as error:
             raise ValueError(f"config file {path}: {error}") from None
     return checked
@@ -214,21 +222,38 @@ def check_values(config: TrainConfig) -> None:
         raise ValueError(f"ddpm_num_inference_steps ({config.ddpm_num_inference_steps}) must not exceed "
                          f"ddpm_num_steps ({config.ddpm_num_steps})")
     check_unet_kwargs(config.unet)
-    if config.float32_unet is not None:
-        if shape_keys := sorted(set(config.float32_unet) & set(DATA_SHAPE_KEYS)):
-            raise ValueError(f"float32_unet may not set {shape_keys}: they follow the data; it changes the "
-                             "architecture only (e.g. block_out_channels)")
-        try:
-            check_unet_kwargs({**config.unet, **config.float32_unet})
-        except ValueError as error:
-            raise ValueError(f"float32_unet {config.float32_unet} over unet: {error}") from None
+    if config.float32 is not None:
+        float32_config(config)
 
 
-def with_float32_unet(config: TrainConfig, requested_precision) -> bool:
-    """Apply float32_unet where `auto` picked float32 (config.mixed_precision resolved); get whether it applied."""
-    if requested_precision != "auto" or config.mixed_precision != "no" or not config.float32_unet:
+def float32_config(config: TrainConfig) -> TrainConfig:
+    """Get the config with its float32 recipe applied, checked as any config is, or raise a one-line ValueError."""
+    recipe = config.float32
+    if unknown := sorted(set(recipe) - set(valid_keys())):
+        raise ValueError(f"float32 sets unknown config key(s) {unknown}; it takes the keys a config file does")
+    if fixed := sorted(set(recipe) & set(FLOAT32_FIXED_KEYS)):
+        raise ValueError(f"float32 may not set {fixed}; it sets what to train (e.g. learning_rate, unet)")
+    unet = recipe.get("unet", {})
+    if not isinstance(unet, dict):
+        raise ValueError(f"float32's unet must be a mapping of UNet2DModel keys to values, got {unet!r}")
+    if shape_keys := sorted(set(unet) & set(DATA_SHAPE_KEYS)):
+        raise ValueError(f"float32's unet may not set {shape_keys}: they follow the data; it changes the "
+                         "architecture only (e.g. block_out_channels)")
+    try:
+        values = {key: checked_yaml_value(key, value) for key, value in recipe.items() if key != "unet"}
+        return dataclasses.replace(config, float32=None, unet={**config.unet, **unet}, **values)
+    except ValueError as error:
+        raise ValueError(f"float32 {recipe} over the config: {error}") from None
+
+
+def with_float32(config: TrainConfig, requested_precision) -> bool:
+    """Apply the float32 recipe where `auto` picked float32 (config.mixed_precision resolved); get whether it did."""
+    if requested_precision != "auto" or config.mixed_precision != "no" or not config.float32:
         return False
-    config.unet = {**config.unet, **config.float32_unet}
+    applied = float32_config(config)
+    for f in dataclasses.fields(config):
+        if f.name != "float32":  # kept, so the run's train_config.yaml says which recipe made these values
+            setattr(config, f.name, getattr(applied, f.name))
     return True
 
 
@@ -286,10 +311,12 @@ def read_yaml(path: Path) -> dict:
     unknown = sorted(set(values) - set(valid_keys()))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(valid_keys())}")
-    for key in ("unet", "float32_unet"):
-        if key in values and not isinstance(values[key], dict) and not (key == "float32_unet" and values[key] is None):
-            raise ValueError(f"{key} in config file {path} must be a mapping of UNet2DModel keys to values (e.g. "
-                             f"block_out_channels: [32, 64]), got {values[key]!r}")
+    if "unet" in values and not isinstance(values["unet"], dict):
+        raise ValueError(f"unet in config file {path} must be a mapping of UNet2DModel keys to values (e.g. "
+                         f"block_out_channels: [32, 64]), got {values['unet']!r}")
+    if values.get("float32") is not None and not isinstance(values["float32"], dict):
+        raise ValueError(f"float32 in config file {path} must be a mapping of config keys to values (e.g. "
+                         f"learning_rate: 1.0e-3), or null; got {values['float32']!r}")
     return values
 
 
@@ -358,7 +385,7 @@ class ConfigArgumentParser(HfArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for action in self._actions:
-            if action.dest == "float32_unet":  # `unet` is set key by key (--unet.KEY), never whole
+            if action.dest == "float32":  # `unet` is set key by key (--unet.KEY), never whole
                 action.type = mapping  # a YAML mapping, as in a config file (argparse's dict() reads no text)
             if action.dest in valid_keys() and field_type(action.dest)[1] and action.type is not None:
                 action.type = or_null(action.type)
@@ -392,8 +419,9 @@ def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CON
     if known.model_config_name_or_path is not None:  # a UNet2DModel config replaces the file's unet block
         file_unet = load_model_config(known.model_config_name_or_path)
     unet = {**default_unet_config(), **file_unet, **unet_overrides}
-    if unet_overrides or known.model_config_name_or_path is not None:
-        file_values.pop("float32_unet", None)  # the file's float32 recipe was for its U-Net: this one trains as is
+    given = keys_given(rest) | ({"unet"} if unet_overrides or known.model_config_name_or_path is not None else set())
+    if file_values.get("float32") and "float32" not in given:  # the command line wins over the file's recipe
+        file_values["float32"] = {k: v for k, v in file_values["float32"].items() if k not in given} or None
     parser.set_defaults(**file_values, unet=unet)
     config, unknown = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False,
                                                          return_remaining_strings=True)
@@ -402,6 +430,12 @@ def parse_config(argv: Optional[list] = None, default_config: Path = DEFAULT_CON
     if config.train_data_dir is not None or config.dataset_name is not None:
         config.unet = {k: v for k, v in config.unet.items() if k not in DATA_SHAPE_KEYS or k in unet_overrides}
     return config, known, known.config is not None
+
+
+def keys_given(argv: list) -> set:
+    """Get the config keys a command line sets with `--KEY VALUE` or `--KEY=VALUE` (`--KEY-NAME` too)."""
+    names = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return names & set(valid_keys())
 
 
 def config_to_yaml(config: TrainConfig) -> str:

@@ -109,52 +109,67 @@ def test_null_is_refused_where_the_key_is_not_optional_and_other_words_stay_refu
         parse_file(write_config(tmp_path, "seed: 1\n"), *extra)
 
 
-FLOAT32_UNET = "float32_unet:\n  block_out_channels: [8, 16]\n"  # smoke.yaml's U-Net is (16, 32)
+# smoke.yaml's U-Net is (16, 32) and its learning rate 1e-3; 1e-4 is read as YAML 1.1 does (a string), as in a file
+FLOAT32 = "float32:\n  learning_rate: 1e-4\n  unet:\n    block_out_channels: [8, 16]\n"
 
 
-def test_float32_unet_replaces_unet_keys_only_where_auto_picked_float32(tmp_path):
-    from ddpm_fashion.training.config import with_float32_unet
+def test_the_float32_recipe_replaces_its_keys_only_where_auto_picked_float32(tmp_path):
+    from ddpm_fashion.training.config import with_float32
 
-    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32_UNET)
+    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32)
     for requested, resolved, applies in [("auto", "no", True), ("auto", "bf16", False), ("no", "no", False),
                                          (None, "no", False), ("bf16", "bf16", False)]:
         config = parse_file(path)
-        assert config.float32_unet == {"block_out_channels": [8, 16]}
+        assert config.float32 == {"learning_rate": "1e-4", "unet": {"block_out_channels": [8, 16]}}
         config.mixed_precision = resolved  # as preflight resolves it
-        assert with_float32_unet(config, requested) is applies
+        assert with_float32(config, requested) is applies
         assert config.unet["block_out_channels"] == ([8, 16] if applies else [16, 32])
-        assert config.unet["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]  # the other keys stay
+        assert config.learning_rate == (1e-4 if applies else 1e-3)
+        assert config.unet["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]  # the other U-Net keys stay
+        assert config.float32 is not None  # kept: the saved config says which recipe made its values
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--float32_unet", "{block_out_channels: [8, 16, 32]}"],
-     r"^float32_unet \{'block_out_channels': \[8, 16, 32\]\} over unet: UNet config block_out_channels=\(8, 16, 32\) "
-     r"has 3 levels but down_block_types has 2"),
-    (["--float32_unet", "{sample_size: 16}"], r"^float32_unet may not set \['sample_size'\]: they follow the data"),
-    (["--float32_unet", "{no_such_key: 1}"], r"^float32_unet \{'no_such_key': 1\} over unet: unknown UNet config key"),
-    (["--float32_unet", "5"], r"^argument --float32_unet/--float32-unet: invalid mapping value: '5'"),
-    (["--float32_unet", "{x: [}"], r"^argument --float32_unet/--float32-unet: invalid mapping value: '\{x: \[\}'"),
+@pytest.mark.parametrize("recipe, message", [
+    ("{unet: {block_out_channels: [8, 16, 32]}}",
+     r"^float32 \{'unet': \{'block_out_channels': \[8, 16, 32\]\}\} over the config: UNet config "
+     r"block_out_channels=\(8, 16, 32\) has 3 levels but down_block_types has 2"),
+    ("{unet: {sample_size: 16}}", r"^float32's unet may not set \['sample_size'\]: they follow the data"),
+    ("{unet: {no_such_key: 1}}", r"^float32 .* over the config: unknown UNet config key"),
+    ("{unet: [8, 16]}", r"^float32's unet must be a mapping of UNet2DModel keys to values, got \[8, 16\]"),
+    ("{learning_rate: -1}", r"^float32 \{'learning_rate': -1\} over the config: learning_rate must be positive"),
+    ("{learning_rate: fast}", r"^float32 .* over the config: learning_rate must be a number, got 'fast'"),
+    ("{no_such_key: 1}", r"^float32 sets unknown config key\(s\) \['no_such_key'\]; it takes the keys a config"),
+    ("{mixed_precision: bf16}", r"^float32 may not set \['mixed_precision'\]; it sets what to train"),
+    ("{output_dir: elsewhere}", r"^float32 may not set \['output_dir'\]"),
+    ("5", r"^argument --float32: invalid mapping value: '5'"),
+    ("{x: [}", r"^argument --float32: invalid mapping value: '\{x: \[\}'"),
 ])
-def test_a_float32_unet_that_cannot_build_a_unet_is_refused_in_one_line(tmp_path, extra, message):
-    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text())
+def test_a_float32_recipe_that_cannot_train_is_refused_in_one_line_on_every_machine(tmp_path, recipe, message):
+    smoke = (CONFIG_DIR / "smoke.yaml").read_text()
     with pytest.raises(ValueError, match=message):
-        parse_file(path, *extra)
+        parse_file(write_config(tmp_path, smoke), "--float32", recipe)
+    if message.startswith("^float32"):  # the same recipe in a config file: the same line
+        with pytest.raises(ValueError, match=message):
+            parse_file(write_config(tmp_path, smoke + f"float32: {recipe}\n"))
 
 
-def test_float32_unet_in_a_file_must_be_a_mapping_or_null(tmp_path):
-    with pytest.raises(ValueError, match=r"float32_unet in config file .* must be a mapping of UNet2DModel keys"):
-        parse_file(write_config(tmp_path, "float32_unet: [16, 32]\n"))
-    assert parse_file(write_config(tmp_path, "float32_unet: null\n")).float32_unet is None
-    assert parse_file(write_config(tmp_path, FLOAT32_UNET.replace("[8, 16]", "[8, 16, 32]")), "--float32_unet",
-                      "null").float32_unet is None
+def test_float32_in_a_file_must_be_a_mapping_or_null(tmp_path):
+    with pytest.raises(ValueError, match=r"^float32 in config file .* must be a mapping of config keys to values"):
+        parse_file(write_config(tmp_path, "float32: [16, 32]\n"))
+    assert parse_file(write_config(tmp_path, "float32: null\n")).float32 is None
+    assert parse_file(write_config(tmp_path, FLOAT32.replace("[8, 16]", "[8, 16, 32]")), "--float32",
+                      "null").float32 is None
 
 
-def test_a_unet_given_on_the_command_line_trains_as_given_without_the_files_float32_unet(tmp_path):
-    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32_UNET)
+def test_a_key_given_on_the_command_line_wins_over_the_files_float32_recipe(tmp_path):
+    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32)
     three_levels = ["--unet.block_out_channels", "[8, 16, 32]", "--unet.down_block_types",
                     "[DownBlock2D, DownBlock2D, DownBlock2D]", "--unet.up_block_types",
                     "[UpBlock2D, UpBlock2D, UpBlock2D]"]
-    assert parse_file(path, *three_levels).float32_unet is None  # the file's 2-level recipe would not fit 3 levels
-    assert parse_file(path, "--unet.layers_per_block", 2).float32_unet is None
-    given = parse_file(path, *three_levels, "--float32_unet", "{block_out_channels: [16, 24, 32]}")
-    assert given.float32_unet == {"block_out_channels": [16, 24, 32]}  # unless the command line sets one too
+    # a U-Net given on the command line trains as given: the file's 2-level recipe would not fit 3 levels
+    assert parse_file(path, *three_levels).float32 == {"learning_rate": "1e-4"}
+    assert parse_file(path, "--unet.layers_per_block", 2).float32 == {"learning_rate": "1e-4"}
+    assert parse_file(path, "--learning-rate=3e-4").float32 == {"unet": {"block_out_channels": [8, 16]}}
+    assert parse_file(path, "--learning_rate", "3e-4", "--unet.layers_per_block", 2).float32 is None
+    given = parse_file(path, *three_levels, "--float32", "{unet: {block_out_channels: [16, 24, 32]}}")
+    assert given.float32 == {"unet": {"block_out_channels": [16, 24, 32]}}  # unless the command line sets one too
