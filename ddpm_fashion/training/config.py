@@ -308,6 +308,9 @@ def read_yaml(path: Path) -> dict:
         raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must be a mapping of keys to values")
+    if "float32_unet" in values and "float32" not in values:  # the recipe's first form (U-Net keys only), as saved
+        legacy = values.pop("float32_unet")  # by runs of that trainer: read as today's recipe, so they resume
+        values["float32"] = {"unet": legacy} if legacy is not None else None
     unknown = sorted(set(values) - set(valid_keys()))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} in {path}; valid keys: {', '.join(valid_keys())}")

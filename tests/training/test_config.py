@@ -161,6 +161,13 @@ def test_float32_in_a_file_must_be_a_mapping_or_null(tmp_path):
                       "null").float32 is None
 
 
+def test_a_config_saved_with_the_recipes_first_form_float32_unet_reads_as_the_float32_recipe(tmp_path):
+    saved = "float32_unet:\n  block_out_channels: [8, 16]\n"  # what train_config.yaml held while the key existed
+    path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + saved)
+    assert parse_file(path).float32 == {"unet": {"block_out_channels": [8, 16]}}
+    assert parse_file(write_config(tmp_path, "float32_unet: null\n")).float32 is None
+
+
 def test_a_key_given_on_the_command_line_wins_over_the_files_float32_recipe(tmp_path):
     path = write_config(tmp_path, (CONFIG_DIR / "smoke.yaml").read_text() + FLOAT32)
     three_levels = ["--unet.block_out_channels", "[8, 16, 32]", "--unet.down_block_types",
