@@ -55,6 +55,7 @@ from ddpm_fashion.training.launch import (
     resolve_mixed_precision,
     restore_stop_signals,
     stop_signals_as_interrupts,
+    wait_for_the_launchers_stop,
     why_this_precision,
 )
 from ddpm_fashion.training.model_card import plot_loss, write_model_card
@@ -486,7 +487,8 @@ def main(argv=None):
     except (FloatingPointError, OSError) as error:  # DiskFull included; an OSError's message names its file
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C or the launcher's SIGTERM: one line; checkpoints are only ever complete
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or the launcher's SIGTERM: one line; checkpoints are complete
+        wait_for_the_launchers_stop(interrupt)
         with ignoring_stop_signals():
             where = run_dir.describe_checkpoints(config.output_dir) if config is not None else "nothing was written"
             if is_first_process():

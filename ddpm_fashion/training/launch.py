@@ -3,9 +3,13 @@ processes than asked for, the precision to train in, and its signal to stop."""
 
 import os
 import signal
+import stat
 import threading
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
+import psutil
 import torch
 from accelerate.utils import get_int_from_env
 
@@ -66,15 +70,21 @@ def _raise_terminated(signum, frame):
 
 # The stop-signal handlers a block of stop_signals_as_interrupts found, for restore_stop_signals().
 _handlers_before = {}
+# Whether the launcher's SIGTERM came after the block ended in an interrupt (see wait_for_the_launchers_stop).
+_stop_seen = threading.Event()
+
+
+def _note_stop(signum, frame):
+    _stop_seen.set()
 
 
 @contextmanager
 def stop_signals_as_interrupts():
     """Within the block SIGTERM is a KeyboardInterrupt (Terminated), so it takes Ctrl-C's path (main thread only).
 
-    A block that ends in one leaves SIGINT and SIGTERM ignored: `accelerate launch` sends SIGTERM right after the
-    terminal's SIGINT, and restoring SIGTERM's default here would let it kill the process before it says where to
-    resume. The caller reports, then calls restore_stop_signals().
+    A block that ends in one leaves SIGINT ignored and SIGTERM noted (not acted on): `accelerate launch` sends
+    SIGTERM right after the terminal's SIGINT, and restoring SIGTERM's default here would let it kill the process
+    before it says where to resume. The caller reports, then calls restore_stop_signals().
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -82,12 +92,13 @@ def stop_signals_as_interrupts():
     _handlers_before.update({signal.SIGINT: signal.getsignal(signal.SIGINT),
                              signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)})
     stopping = False
+    _stop_seen.clear()
     try:
         yield
     except KeyboardInterrupt:
         stopping = True
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _note_stop)
         raise
     finally:
         if not stopping:
@@ -99,6 +110,33 @@ def restore_stop_signals():
     while _handlers_before:
         sig, handler = _handlers_before.popitem()
         signal.signal(sig, handler)
+
+
+def stderr_relayed_by_accelerate() -> bool:
+    """Whether `accelerate launch` started this process alone and copies its stderr through a pipe (its one-process
+    launcher; torchrun and accelerate's multi-process launch leave their workers' stderr alone)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or not stat.S_ISFIFO(os.fstat(2).st_mode):
+        return False
+    try:
+        parent = psutil.Process().parent()
+        words = parent.cmdline()[:3] if parent is not None else []
+    except (psutil.Error, OSError):
+        return False
+    return any(Path(word).name == "accelerate" or word.startswith("accelerate.commands") for word in words)
+
+
+def wait_for_the_launchers_stop(interrupt, seconds=5.0):
+    """After Ctrl-C under `accelerate launch`, wait (at most `seconds`) for the launcher's SIGTERM before saying
+    anything.
+
+    That launcher reads the script's stderr and drops what it has just read when the terminal's SIGINT reaches it:
+    a line written before the launcher took its own SIGINT could vanish. Its SIGTERM comes after it did.
+    """
+    if isinstance(interrupt, Terminated) or not stderr_relayed_by_accelerate():
+        return
+    deadline = time.monotonic() + seconds
+    while not _stop_seen.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the SIGTERM handler runs between these sleeps (main thread)
 
 
 @contextmanager
