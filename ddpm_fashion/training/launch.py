@@ -132,7 +132,8 @@ def wait_for_the_launchers_stop(interrupt, seconds=5.0):
     That launcher reads the script's stderr and drops what it has just read when the terminal's SIGINT reaches it:
     a line written before the launcher took its own SIGINT could vanish. Its SIGTERM comes after it did.
     """
-    if isinstance(interrupt, Terminated) or not stderr_relayed_by_accelerate():
+    noting_stop = signal.getsignal(signal.SIGTERM) is _note_stop  # an interrupt that ended a training block
+    if isinstance(interrupt, Terminated) or not noting_stop or not stderr_relayed_by_accelerate():
         return
     deadline = time.monotonic() + seconds
     while not _stop_seen.is_set() and time.monotonic() < deadline:
